@@ -1,0 +1,53 @@
+"""Loading the bundled testbed: the diffusers pipeline, the aligner (a transformers CLIPModel) and the judge.
+All offline, from the weights committed inside the package; nothing is ever fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from . import paths
+from .models import Judge
+
+
+class MissingWeightsError(FileNotFoundError):
+    """The bundled weights are not where the package expects them."""
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        raise MissingWeightsError(
+            f"testbed weights not found at {path}. They ship with the repository; if you deleted them, "
+            f"rebuild them with `python -m trust_engine.testbed.train` (about 1.5 h on 2 CPU cores)."
+        )
+    return path
+
+
+def load_pipeline(folder: str | Path | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """The text-to-image model as a stock `StableDiffusionPipeline` (the bundled one by default)."""
+    from diffusers import StableDiffusionPipeline
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder = _require(Path(folder) if folder else paths.PIPELINE)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load_aligner(folder: str | Path | None = None, device: str | torch.device = "cpu"):
+    """(CLIPModel, CLIPTokenizer, CLIPImageProcessor) of the aligner."""
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    folder = _require(Path(folder) if folder else paths.ALIGNER)
+    model = CLIPModel.from_pretrained(folder, local_files_only=True).eval().to(device)
+    return model, CLIPTokenizer.from_pretrained(folder), CLIPImageProcessor.from_pretrained(folder)
+
+
+def load_judge(path: str | Path | None = None, device: str | torch.device = "cpu") -> Judge:
+    judge = Judge()
+    judge.load_state_dict(load_file(_require(Path(path) if path else paths.JUDGE)))
+    return judge.eval().requires_grad_(False).to(device)
