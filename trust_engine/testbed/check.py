@@ -71,12 +71,18 @@ def accuracy(judge, images: torch.Tensor, prompts: list[str]) -> float:
     return float(np.mean([world.matches(world.parse(p), s) for p, s in zip(prompts, seen)]))
 
 
-def judge_accuracy(judge, n: int = 2000, seed: int = 99) -> dict[str, float]:
-    """Judge accuracy per attribute on freshly rendered held-out scenes, augmented like generations."""
+def judge_accuracy(judge, n: int = 2000, seed: int = 99, vae=None) -> dict[str, float]:
+    """Judge accuracy per attribute on freshly rendered held-out scenes, augmented like generations.
+    With `vae`, the renders go through encode/decode instead: the ceiling any latent generation can reach."""
     images, labels = data.render_set(n, seed=10_000 + seed, empty_share=0.04)
-    gen = torch.Generator().manual_seed(seed)
-    x = data.augment(data.to_tensor(images), gen)
+    x = data.to_tensor(images)
     with torch.no_grad():
+        if vae is None:
+            x = data.augment(x, torch.Generator().manual_seed(seed))
+        else:
+            chunks = [c.to(vae.device, vae.dtype) * 2 - 1 for c in x.split(250)]
+            x = torch.cat([vae.decode(vae.encode(c).latent_dist.mean).sample.float().cpu() for c in chunks])
+            x = ((x + 1) / 2).clamp(0, 1)
         pred = torch.stack([t.argmax(1) for t in judge(x)], 1).numpy()
     names = ["layout", "shape0", "colour0", "shape1", "colour1"]
     present = labels >= 0
@@ -97,6 +103,7 @@ def run(config: CheckConfig, pipe=None, judge=None, progress=None) -> tuple[dict
     per_attribute = judge_accuracy(judge)
     report["judge_accuracy"] = min(per_attribute.values())
     report["judge_accuracy_per_attribute"] = per_attribute
+    report["vae_roundtrip_accuracy_per_attribute"] = judge_accuracy(judge, n=1000, vae=pipe.vae)
     report["sampler"] = {"scheduler": "DDIMScheduler", "steps": config.steps, "cfg": config.cfg, "seed": config.seed}
     report["prompts"] = {name: len(p) for name, p in sets.items()}
     return report, samples

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from . import data, models, paths, tokenizer, world
+from . import data, models, paths, tokenizer
 
 STAGES = ("data", "judge", "aligner", "vae", "unet", "export")
 
