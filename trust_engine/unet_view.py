@@ -260,7 +260,7 @@ def family(sites: list[Site]) -> str:
     return known.get((blocks, next(iter(text_width))), "custom") if len(text_width) == 1 else "custom"
 
 
-def _weight_path(unet: nn.Module | Mapping[str, torch.Tensor], site: Site) -> str:
+def weight_path(unet: nn.Module | Mapping[str, torch.Tensor], site: Site) -> str:
     names = [p + site.name for p in LDM_PREFIXES] + [site.diffusers_name]
     if isinstance(unet, Mapping):
         hit = [n for n in names if n + ".weight" in unet]
@@ -281,7 +281,7 @@ def _has_module(module: nn.Module, path: str) -> bool:
 
 def site_weight(unet: nn.Module | Mapping[str, torch.Tensor], site: Site) -> torch.Tensor:
     """The site's weight (out x in) in a diffusers UNet, an LDM module or a state dict; the live tensor, not a copy."""
-    path = _weight_path(unet, site)
+    path = weight_path(unet, site)
     if isinstance(unet, Mapping):
         return unet[path + ".weight"]
     return unet.get_submodule(path).weight

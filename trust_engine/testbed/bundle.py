@@ -51,3 +51,16 @@ def load_judge(path: str | Path | None = None, device: str | torch.device = "cpu
     judge = Judge()
     judge.load_state_dict(load_file(_require(Path(path) if path else paths.JUDGE)))
     return judge.eval().requires_grad_(False).to(device)
+
+
+def load_parts(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, folder: str | Path | None = None):
+    """(pipeline, engine DiffusionParts, engine Aligner) of the bundled testbed; prompts are vocabulary-checked."""
+    from ..parts import Aligner, from_pipeline
+    from . import world
+
+    pipe = load_pipeline(folder, device, dtype)
+    parts = from_pipeline(pipe, name="bundled testbed", check_prompt=world.check_words)
+    model, tokenizer, processor = load_aligner(device=device)
+    aligner = Aligner(model.requires_grad_(False), tokenizer, list(processor.image_mean), list(processor.image_std),
+                      int(processor.crop_size["height"]))
+    return pipe, parts, aligner

@@ -1,0 +1,287 @@
+"""Selective fine-tuning (TRuST Algorithm 2): re-find the concept neurons every k steps and update only their rows
+of a delta, under a SalUn-style forget/retain loss plus CIP (L1 on concept neurons) or CSR (their sensitivity).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from . import __version__
+from .delta import Delta, fingerprint
+from .functional import SiteDeltas
+from .parts import Aligner, DiffusionParts
+from .progress import NanGuard, ProgressEvent, null_progress
+from .saliency import SaliencyConfig, SaliencyResult, estimate, guided_eps
+from .unet_view import find_sites
+
+
+def _f(default, help_text: str):
+    return dataclasses.field(default=default, metadata={"help": help_text})
+
+
+@dataclasses.dataclass
+class UnlearnConfig:
+    """Shared settings of a TRuST run; use CIPConfig or CSRConfig, whose defaults differ in beta."""
+
+    loss: str = _f("cip", "cip: L1 penalty on the concept neurons' weights; csr: penalty on the noise prediction's sensitivity to them")
+    steps: int = _f(60, "fine-tuning steps (an early stop may end sooner)")
+    lr: float = _f(2e-3, "AdamW learning rate of the delta rows")
+    beta: float = _f(0.1, "weight of the CIP/CSR term")
+    alpha: float = _f(0.5, "weight of the retain (preserve) noise loss, as in SalUn")
+    mask_every: int = _f(1, "re-estimate the concept neurons every k steps (paper: every step)")
+    static_mask: bool = _f(False, "ablation: estimate the mask once and keep it")
+    batch: int = _f(8, "forget and retain latents per step (each)")
+    forget_images: int = _f(32, "self-generated images of the forget prompts (the forget set)")
+    preserve_images: int = _f(64, "self-generated images of the preserve prompts (the retain set)")
+    gen_steps: int = _f(20, "DDIM steps used to generate those sets")
+    cfg: float | None = _f(None, "guidance scale for generation (None: the model's default)")
+    early_stop: float | None = _f(0.15, "stop when the aligner score of fresh forget generations has fallen to within this fraction of the gap above the anchor's (None: never)")
+    eval_every: int = _f(10, "steps between early-stop checks")
+    include_out: bool = _f(False, "also treat attn2.to_out.0 rows as sites (the paper: Q/K/V only)")
+    seed: int = _f(0, "seed of data generation, saliency and timesteps")
+    saliency: SaliencyConfig = dataclasses.field(default_factory=SaliencyConfig)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+@dataclasses.dataclass
+class CIPConfig(UnlearnConfig):
+    loss: str = "cip"
+    beta: float = _f(0.1, "weight of the L1 penalty on concept-neuron weights (mean |W| over masked rows)")
+
+
+@dataclasses.dataclass
+class CSRConfig(UnlearnConfig):
+    loss: str = "csr"
+    beta: float = _f(0.02, "weight of ||m * d<v, eps>/dW||^2 (mean over masked entries), double backprop")
+
+
+def config_for(loss: str, **overrides) -> UnlearnConfig:
+    cls = {"cip": CIPConfig, "csr": CSRConfig}.get(loss.lower())
+    if cls is None:
+        raise ValueError(f"unknown loss {loss!r}: choose 'cip' (hard, sparsity) or 'csr' (soft, sensitivity)")
+    return cls(**overrides)
+
+
+@dataclasses.dataclass
+class UnlearnResult:
+    delta: Delta
+    history: list[dict]
+    steps_run: int
+    stopped_early: bool
+    seconds: float
+    last_saliency: SaliencyResult | None
+    notes: list[str]
+
+    def report(self) -> str:
+        changed = sum(d.rank for d in self.delta.sites.values())
+        lines = [f"{self.steps_run} steps in {self.seconds:.0f}s{' (early stop)' if self.stopped_early else ''}; "
+                 f"{changed} rows changed in {len(self.delta.sites)} sites"]
+        if self.history:
+            h = self.history[-1]
+            lines.append(f"last loss {h['loss']:.4f}, concept neurons {h['neurons']}")
+        return "\n".join(lines + self.notes)
+
+
+@torch.no_grad()
+def generate_latents(parts: DiffusionParts, unet_call, prompts: list[str], n: int, steps: int, cfg: float,
+                     generator: torch.Generator, batch: int = 32) -> tuple[torch.Tensor, list[str]]:
+    """n clean latents generated with DDIM from prompts taken in turn, and the prompt of each."""
+    chosen = [prompts[i % len(prompts)] for i in range(n)]
+    out = []
+    for start in range(0, n, batch):
+        chunk = chosen[start:start + batch]
+        cond, uncond = parts.encode_text(chunk), parts.encode_text([""] * len(chunk))
+        latents = torch.randn((len(chunk), *parts.latent_shape), generator=generator).to(parts.device)
+        sched = parts.ddim(steps)
+        for t in sched.timesteps:
+            latents = sched.step(guided_eps(parts, unet_call, latents, t, cond, uncond, cfg), t, latents).prev_sample
+        out.append(latents)
+    return torch.cat(out), chosen
+
+
+def unlearn(parts: DiffusionParts, forget: list[str], preserve: list[str], anchor: str, config: UnlearnConfig,
+            aligner: Aligner | None = None, progress: Callable[[ProgressEvent], None] = null_progress,
+            metadata: dict[str, str] | None = None, default_cfg: float = 7.5) -> UnlearnResult:
+    """Erase what `forget` prompts show while keeping `preserve`; returns a Delta. The host's UNet is only read."""
+    if not forget:
+        raise ValueError("nothing to forget: the concept expanded to no prompts")
+    cfg = config.cfg if config.cfg is not None else default_cfg
+    with torch.inference_mode(False), torch.enable_grad():
+        return _unlearn(parts, forget, preserve, anchor, config, aligner, progress, metadata or {}, cfg)
+
+
+def _unlearn(parts, forget, preserve, anchor, config, aligner, progress, metadata, cfg) -> UnlearnResult:
+    start = time.time()
+    gen = torch.Generator().manual_seed(config.seed)
+    sites = find_sites(parts.unet, include_out=config.include_out)
+    deltas = SiteDeltas(parts.unet, sites)
+    base_fp = fingerprint(deltas.base)
+
+    progress(ProgressEvent("prepare", 0, 2, {}, "generating the forget and retain sets"))
+    forget_lat, forget_prompts = generate_latents(parts, deltas.base_call, forget, config.forget_images,
+                                                  config.gen_steps, cfg, gen)
+    progress(ProgressEvent("prepare", 1, 2, {}, "generating the forget and retain sets"))
+    retain_lat, retain_prompts = (generate_latents(parts, deltas.base_call, preserve, config.preserve_images,
+                                                   config.gen_steps, cfg, gen) if preserve else (None, []))
+    progress(ProgressEvent("prepare", 2, 2, {}, "ready"))
+    forget_cond = parts.encode_text(forget_prompts)
+    anchor_cond = parts.encode_text([anchor])
+    retain_cond = parts.encode_text(retain_prompts) if preserve else None
+
+    stopper = _EarlyStop(parts, deltas, forget, anchor, aligner, config, cfg) if (aligner and config.early_stop) else None
+    optimizer = torch.optim.AdamW(deltas.parameters(), lr=config.lr, weight_decay=0.0)
+    guard = NanGuard()
+    history: list[dict] = []
+    mask: dict[str, torch.Tensor] | None = None
+    sal: SaliencyResult | None = None
+    stopped = False
+    alphas = parts.alphas_cumprod.to(parts.device)
+    step = 0
+    for step in range(1, config.steps + 1):
+        if mask is None or (not config.static_mask and (step - 1) % config.mask_every == 0):
+            sal = estimate(parts, deltas, forget, config.saliency, aligner, anchor, gen, cfg)
+            mask = sal.mask
+        loss, parts_log = _loss(parts, deltas, mask, config, gen, alphas, forget_lat, forget_cond, anchor_cond,
+                                retain_lat, retain_cond)
+        grads = torch.autograd.grad(loss, deltas.parameters(), allow_unused=True)
+        grads = [torch.zeros_like(d) if g is None else g for g, d in zip(grads, deltas.parameters())]
+        if not guard.check(loss, grads):
+            guard.on_bad_step(optimizer)
+            history.append({"step": step, "loss": float("nan"), "neurons": sal.total(), "skipped": True})
+            progress(ProgressEvent("unlearn", step, config.steps, {"loss": float("nan")}, "non-finite loss: step skipped"))
+            continue
+        _masked_step(optimizer, deltas, grads, mask)
+        record = {"step": step, "loss": float(loss), "neurons": sal.total(), "saliency": sal.objective, **parts_log}
+        if stopper and (step % config.eval_every == 0 or step == config.steps):
+            record["forget_score"] = stopper.score(gen)
+            stopped = record["forget_score"] <= stopper.threshold
+        history.append(record)
+        progress(ProgressEvent("unlearn", step, config.steps,
+                               {k: v for k, v in record.items() if isinstance(v, float)}, ""))
+        if stopped:
+            break
+    notes = list(guard.messages)
+    if stopper:
+        notes.append(f"forget score {stopper.initial:.1f} -> {history[-1].get('forget_score', float('nan')):.1f} "
+                     f"(anchor {stopper.anchor_score:.1f}, stop at {stopper.threshold:.1f})")
+    meta = {
+        "method": "trust", "loss": config.loss, "forget": json.dumps(forget), "preserve": json.dumps(preserve),
+        "anchor": anchor, "config": config.to_json(), "steps_run": str(step), "seed": str(config.seed),
+        "engine_version": __version__, "saliency_mode": sal.mode if sal else "", **metadata,
+    }
+    return UnlearnResult(deltas.to_delta(meta, base_fp), history, step, stopped, time.time() - start, sal, notes)
+
+
+def _loss(parts, deltas, mask, config, gen, alphas, forget_lat, forget_cond, anchor_cond, retain_lat, retain_cond):
+    """L_prev (forget: concept prediction -> the base model's anchor prediction; retain: noise MSE) + beta * R."""
+    b = min(config.batch, forget_lat.shape[0])
+    idx = torch.randint(0, forget_lat.shape[0], (b,), generator=gen)
+    t = torch.randint(0, alphas.shape[0], (b,), generator=gen).to(parts.device)
+    noise = torch.randn(forget_lat[idx].shape, generator=gen).to(parts.device)
+    a = alphas[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * forget_lat[idx] + (1 - a).sqrt() * noise
+    x_in = x_t.to(parts.dtype)
+    with torch.no_grad():
+        target = parts.eps_from_output(
+            parts.denoise(deltas.base_call, x_in, t, anchor_cond.expand(b, -1, -1)).float(), x_t, t)
+    csr = config.loss == "csr"
+    with sdpa_kernel([SDPBackend.MATH]) if csr else nullcontext():  # fused kernels have no double backward
+        pred = parts.eps_from_output(parts.denoise(deltas.call, x_in, t, forget_cond[idx]).float(), x_t, t)
+        loss_forget = F.mse_loss(pred, target)
+        loss = loss_forget
+        log = {"forget_loss": float(loss_forget)}
+        if retain_lat is not None and config.alpha > 0:
+            r_idx = torch.randint(0, retain_lat.shape[0], (b,), generator=gen)
+            r_t = torch.randint(0, alphas.shape[0], (b,), generator=gen).to(parts.device)
+            r_noise = torch.randn(retain_lat[r_idx].shape, generator=gen).to(parts.device)
+            ra = alphas[r_t].view(-1, 1, 1, 1)
+            r_x = ra.sqrt() * retain_lat[r_idx] + (1 - ra).sqrt() * r_noise
+            r_pred = parts.eps_from_output(parts.denoise(deltas.call, r_x.to(parts.dtype), r_t, retain_cond[r_idx]).float(), r_x, r_t)
+            loss_retain = F.mse_loss(r_pred, r_noise)
+            loss = loss + config.alpha * loss_retain
+            log["retain_loss"] = float(loss_retain)
+        masked = [(d, mask[name]) for name, d in deltas.delta.items() if mask[name].any()]
+        if masked and config.beta > 0:
+            if csr:
+                penalty = _csr_penalty(pred, deltas, masked, gen)
+            else:
+                penalty = _cip_penalty(deltas, masked)
+            loss = loss + config.beta * penalty
+            log["penalty"] = float(penalty)
+    return loss, log
+
+
+def _cip_penalty(deltas: SiteDeltas, masked) -> torch.Tensor:
+    """CIP: mean |W| over the concept neurons' rows of the effective weights (an L1 surrogate of switching them off)."""
+    total, count = 0.0, 0
+    for name, d in deltas.delta.items():
+        m = next((mm for dd, mm in masked if dd is d), None)
+        if m is None:
+            continue
+        w = deltas.base[name][m].float() + d[m]
+        total = total + w.abs().sum()
+        count += w.numel()
+    return total / max(1, count)
+
+
+def _csr_penalty(pred: torch.Tensor, deltas: SiteDeltas, masked, gen) -> torch.Tensor:
+    """CSR: ||m * d<v, eps>/dW||^2 with a fresh v ~ N(0, I): a random projection of the Jacobian's Frobenius norm,
+    whose gradient is a Hessian-vector product (double backprop)."""
+    v = torch.randn(pred.shape, generator=gen).to(pred.device)
+    tensors = [d for d, _ in masked]
+    grads = torch.autograd.grad((pred * v).sum() / pred.shape[0], tensors, create_graph=True, allow_unused=True)
+    total, count = 0.0, 0
+    for g, (_, m) in zip(grads, masked):
+        if g is None:
+            continue
+        total = total + g[m].pow(2).sum()
+        count += int(m.sum()) * g.shape[1]
+    return total / max(1, count)
+
+
+def _masked_step(optimizer: torch.optim.Optimizer, deltas: SiteDeltas, grads, mask) -> None:
+    """Update only the concept neurons' rows: gradients of other rows are zeroed, and after the optimizer step
+    those rows are restored, so Adam's moments from earlier steps cannot move a row outside the current mask."""
+    with torch.no_grad():
+        before = {}
+        for (name, d), g in zip(deltas.delta.items(), grads):
+            m = mask[name].view(-1, 1)
+            d.grad = g * m
+            before[name] = d.detach().clone()
+        optimizer.step()
+        for name, d in deltas.delta.items():
+            keep = ~mask[name]
+            d[keep] = before[name][keep]
+            d.grad = None
+
+
+class _EarlyStop:
+    """Aligner score of fresh generations of the forget prompts against them, vs. the anchor's generations."""
+
+    def __init__(self, parts, deltas, forget, anchor, aligner, config, cfg):
+        self.parts, self.deltas, self.forget, self.aligner, self.config, self.cfg = parts, deltas, forget, aligner, config, cfg
+        gen = torch.Generator().manual_seed(config.seed + 7)
+        self.n = 8
+        self.initial = self._score(deltas.base_call, forget, gen)
+        gen = torch.Generator().manual_seed(config.seed + 7)
+        self.anchor_score = self._score(deltas.base_call, [anchor] if anchor else [""], gen, against=forget)
+        self.threshold = self.anchor_score + config.early_stop * (self.initial - self.anchor_score)
+
+    @torch.no_grad()
+    def _score(self, call, prompts, gen, against=None) -> float:
+        lat, chosen = generate_latents(self.parts, call, prompts, self.n, self.config.gen_steps, self.cfg, gen)
+        texts = [(against or prompts)[i % len(against or prompts)] for i in range(self.n)]
+        return float(self.aligner.score(self.parts.decode(lat), texts).mean())
+
+    def score(self, gen) -> float:
+        return self._score(self.deltas.call, self.forget, torch.Generator().manual_seed(self.config.seed + 7))
