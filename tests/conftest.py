@@ -25,3 +25,11 @@ def judge():
     from trust_engine.testbed import bundle
 
     return bundle.load_judge()
+
+
+@pytest.fixture(scope="session")
+def testbed():
+    """(pipeline, DiffusionParts, Aligner) of the bundled testbed."""
+    from trust_engine.testbed import bundle
+
+    return bundle.load_parts()

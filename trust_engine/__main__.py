@@ -1,5 +1,5 @@
 """Command line: `python -m trust_engine <command>`; the bundled testbed is the default model everywhere.
-Commands: testbed-check (quality report of the testbed), demo (the main job).
+Commands: demo (the main job), unlearn, evaluate, testbed-check.
 """
 
 from __future__ import annotations
@@ -46,12 +46,153 @@ def cmd_testbed_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_model(args: argparse.Namespace):
+    """(pipeline, parts, aligner, default cfg) of --model (a diffusers folder) or of the bundled testbed."""
+    import torch
+
+    from .testbed import bundle
+    from .testbed.check import DEFAULT_CFG
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if getattr(args, "model", None):
+        from .parts import from_pipeline
+
+        pipe = bundle.load_pipeline(args.model)
+        return pipe, from_pipeline(pipe, name=str(args.model)), None, 7.5
+    pipe, parts, aligner = bundle.load_parts()
+    return pipe, parts, aligner, DEFAULT_CFG
+
+
+def _unlearn_config(args: argparse.Namespace):
+    from .saliency import SaliencyConfig
+    from .unlearn import config_for
+
+    overrides = {k: getattr(args, k) for k in ("steps", "lr", "beta", "mask_every", "seed") if getattr(args, k, None) is not None}
+    config = config_for(args.loss, **overrides, static_mask=args.static_mask)
+    config.saliency = SaliencyConfig(xi=args.xi)
+    return config
+
+
+def run_unlearn(args: argparse.Namespace, pipe=None, parts=None, aligner=None, cfg=None, quiet: bool = False):
+    """Expand the concept(s), run TRuST, save the delta; returns (expanded concepts, result)."""
+    from . import concepts as concept_specs
+    from .progress import text_progress
+    from .unlearn import unlearn
+
+    if pipe is None:
+        pipe, parts, aligner, cfg = _load_model(args)
+    expanded = concept_specs.expand_all(args.concept, args.mode, preserve=args.preserve or ())
+    if not quiet:
+        for e in expanded:
+            print(e.explain())
+    config = _unlearn_config(args)
+    metadata = {"mode": args.mode, "model": parts.name}
+    result = unlearn(parts, expanded, config, aligner, text_progress(), metadata, default_cfg=cfg)
+    if args.out:
+        result.delta.save(args.out)
+    return expanded, result
+
+
+def cmd_unlearn(args: argparse.Namespace) -> int:
+    _, result = run_unlearn(args)
+    print(result.report())
+    print(f"delta written to {args.out}")
+    return 0
+
+
+def evaluate_delta(delta, concept: str, mode: str, seeds: int = 2, base_pipe=None, before: dict | None = None):
+    """Testbed judge's before/after figures of a delta for one concept (the keys `evaluate --json` prints)."""
+    from .testbed import bundle
+    from .testbed.evaluate import apply_delta, eval_sets, evaluate
+
+    judge = bundle.load_judge()
+    sets = eval_sets(concept, mode)
+    base_pipe = base_pipe or bundle.load_pipeline()
+    if before is None:
+        before = evaluate(base_pipe, judge, sets, seeds=seeds)
+    patched = bundle.load_pipeline()
+    apply_delta(patched, delta)
+    after = evaluate(patched, judge, sets, seeds=seeds)
+    report = dict(after)
+    for key in ("forget_rate", "synonym_forget_rate", "preserve_accuracy", "parts_accuracy"):
+        report[f"{key}_before"] = before[key]
+    report.update(concept=concept, mode=mode, forget_prompts=len(sets.forget) * seeds, preserve_prompts=len(sets.preserve))
+    return report, patched
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json as _json
+
+    from .delta import Delta
+
+    delta = Delta.load(args.delta)
+    concept = args.concept or (_json.loads(delta.metadata.get("concepts", "[]")) or [None])[0]
+    mode = args.mode or delta.metadata.get("mode", "individual")
+    if not concept:
+        raise SystemExit("this delta records no concept: pass --concept and --mode")
+    _check_base(delta)
+    report, _ = evaluate_delta(delta, concept, mode, seeds=args.seeds)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for key, value in report.items():
+            print(f"{key:>28}: {value}")
+    return 0
+
+
+def _check_base(delta) -> None:
+    """Refuse a delta made for another base model than the bundled testbed."""
+    from .delta import fingerprint
+    from .testbed import bundle
+    from .unet_view import find_sites, site_weights
+
+    unet = bundle.load_pipeline().unet
+    delta.check_base(fingerprint(site_weights(unet, find_sites(unet))))
+
+
+# (concept, mode, prompts shown before/after in the grid: the concept, a synonym or part, something to keep)
+DEMO_TASKS = (
+    ("triangle", "individual", ("a triangle", "a wedge", "a square")),
+    ("red circle", "combination", ("a red circle", "a circle", "a red square")),
+    ("circle on a square", "conditional", ("a circle on a square", "a circle", "a circle next to a square")),
+)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Until the unlearning engine lands: the testbed's quality report and a PNG grid of its samples."""
+    """Erase one individual, one combination and one conditional concept; before/after table and PNG grid."""
+    import torch
+
+    from .testbed import check
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ns = argparse.Namespace(json=False, steps=args.steps, cfg=args.cfg, seed=args.seed, grid=str(out / "testbed_samples.png"))
-    return cmd_testbed_check(ns)
+    pipe, parts, aligner, cfg = _load_model(args)
+    rows, grid_prompts, grid_images = [], [], []
+    for concept, mode, shown in DEMO_TASKS:
+        ns = argparse.Namespace(**{**vars(args), "concept": concept, "mode": mode, "preserve": None,
+                                   "out": str(out / f"erase_{concept.replace(' ', '_')}.safetensors")})
+        print(f"\n== erasing {concept!r} ({mode}, {args.loss.upper()}) ==")
+        _, result = run_unlearn(ns, pipe, parts, aligner, cfg, quiet=True)
+        report, patched = evaluate_delta(result.delta, concept, mode, seeds=1, base_pipe=pipe)
+        report.update(seconds=result.seconds, steps=result.steps_run,
+                      rows_changed=sum(d.rank for d in result.delta.sites.values()))
+        rows.append(report)
+        for prompt in shown:
+            before = check.generate(pipe, [prompt] * 4, seed=5)
+            after = check.generate(patched, [prompt] * 4, seed=5)
+            grid_prompts += [f"before: {prompt}"] * 4 + [f"after: {prompt}"] * 4
+            grid_images += [before, after]
+    header = f"{'concept':<22}{'mode':<13}{'forget before':>14}{'after':>7}{'synonyms':>10}{'preserve before':>16}{'after':>7}{'parts':>7}{'rows':>6}{'time':>7}"
+    print("\n" + header)
+    for r in rows:
+        print(f"{r['concept']:<22}{r['mode']:<13}{r['forget_rate_before']:>14.2f}{r['forget_rate']:>7.2f}"
+              f"{r['synonym_forget_rate']:>10.2f}{r['preserve_accuracy_before']:>16.2f}{r['preserve_accuracy']:>7.2f}"
+              f"{r['parts_accuracy']:>7.2f}{r['rows_changed']:>6}{r['seconds']:>6.0f}s")
+    grid = check.save_grid(out / "demo_before_after.png", grid_prompts, torch.cat(grid_images), columns=8)
+    (out / "demo_results.json").write_text(json.dumps(rows, indent=2))
+    print(f"\nbefore/after grid: {grid}\ndeltas and figures: {out}/")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,9 +212,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid", help="also write a PNG grid of samples to this path")
     p.set_defaults(func=cmd_testbed_check)
 
-    p = sub.add_parser("demo", help="the main job on the bundled testbed; writes PNGs to --out")
-    sampling_options(p)
-    p.add_argument("--out", default="out", help="folder for the PNG grid (default ./out)")
+    def training_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--loss", choices=("cip", "csr"), default="cip", help="CIP (hard, sparsity) or CSR (soft, sensitivity); default cip")
+        p.add_argument("--steps", type=int, help="fine-tuning steps (default: the loss's config, 60)")
+        p.add_argument("--lr", type=float, help="learning rate of the delta rows")
+        p.add_argument("--beta", type=float, help="weight of the CIP/CSR term (default 0.1 CIP, 0.02 CSR)")
+        p.add_argument("--xi", type=float, default=2.0, help="z-score threshold of concept neurons (default 2.0)")
+        p.add_argument("--mask-every", type=int, help="re-find the concept neurons every k steps (default 1)")
+        p.add_argument("--static-mask", action="store_true", help="ablation: find the concept neurons once only")
+        p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+        p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+
+    p = sub.add_parser("unlearn", help="erase a concept; writes a delta (a LoRA file)")
+    p.add_argument("--concept", required=True, help="the concept to erase; several: one per line")
+    p.add_argument("--mode", choices=("individual", "combination", "conditional"), default="individual",
+                   help="individual ('triangle'), combination ('red circle'), conditional ('circle on a square')")
+    p.add_argument("--preserve", nargs="*", help="extra prompts to keep working")
+    p.add_argument("--model", help="a diffusers Stable Diffusion folder (default: the bundled testbed)")
+    p.add_argument("--out", default="delta.safetensors", help="delta file to write (default delta.safetensors)")
+    training_options(p)
+    p.set_defaults(func=cmd_unlearn)
+
+    p = sub.add_parser("evaluate", help="judge a delta on the testbed: forget rate and preserved accuracy")
+    p.add_argument("--delta", required=True, help="a delta file written by unlearn")
+    p.add_argument("--concept", help="concept to judge (default: the one recorded in the delta)")
+    p.add_argument("--mode", choices=("individual", "combination", "conditional"), help="(default: recorded)")
+    p.add_argument("--seeds", type=int, default=2, help="images per prompt (default 2)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="the main job: erase three testbed concepts; table + before/after PNG in --out")
+    p.add_argument("--out", default="out", help="folder for deltas, figures and the PNG grid (default ./out)")
+    training_options(p)
     p.set_defaults(func=cmd_demo)
 
     args = parser.parse_args(argv)

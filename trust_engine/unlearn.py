@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import __version__
+from .concepts import ExpandedConcept, MergedConcepts, merge
 from .delta import Delta, fingerprint
 from .functional import SiteDeltas
 from .parts import Aligner, DiffusionParts
@@ -109,19 +110,34 @@ def generate_latents(parts: DiffusionParts, unet_call, prompts: list[str], n: in
     return torch.cat(out), chosen
 
 
-def unlearn(parts: DiffusionParts, forget: list[str], preserve: list[str], anchor: str, config: UnlearnConfig,
-            aligner: Aligner | None = None, progress: Callable[[ProgressEvent], None] = null_progress,
-            metadata: dict[str, str] | None = None, default_cfg: float = 7.5) -> UnlearnResult:
-    """Erase what `forget` prompts show while keeping `preserve`; returns a Delta. The host's UNet is only read."""
-    if not forget:
+def unlearn(parts: DiffusionParts, concepts: ExpandedConcept | MergedConcepts | list[ExpandedConcept],
+            config: UnlearnConfig, aligner: Aligner | None = None,
+            progress: Callable[[ProgressEvent], None] = null_progress, metadata: dict[str, str] | None = None,
+            default_cfg: float = 7.5) -> UnlearnResult:
+    """Erase the concepts' forget prompts while keeping their preserve prompts; returns a Delta.
+    The host's UNet is only read: an exception or interruption (raised by `progress`) leaves it as it was."""
+    if isinstance(concepts, ExpandedConcept):
+        concepts = [concepts]
+    merged = concepts if isinstance(concepts, MergedConcepts) else merge(concepts)
+    if not merged.forget:
         raise ValueError("nothing to forget: the concept expanded to no prompts")
+    if parts.check_prompt:
+        for prompt in (*merged.forget, *merged.preserve, *(a for _, a in merged.pairs if a)):
+            parts.check_prompt(prompt)
     cfg = config.cfg if config.cfg is not None else default_cfg
+    meta = {
+        "concepts": json.dumps([c.text for c in merged.concepts]),
+        "modes": json.dumps([c.mode for c in merged.concepts]),
+        **(metadata or {}),
+    }
     with torch.inference_mode(False), torch.enable_grad():
-        return _unlearn(parts, forget, preserve, anchor, config, aligner, progress, metadata or {}, cfg)
+        return _unlearn(parts, merged, config, aligner, progress, meta, cfg)
 
 
-def _unlearn(parts, forget, preserve, anchor, config, aligner, progress, metadata, cfg) -> UnlearnResult:
+def _unlearn(parts, merged: MergedConcepts, config, aligner, progress, metadata, cfg) -> UnlearnResult:
     start = time.time()
+    forget, preserve = list(merged.forget), list(merged.preserve)
+    anchor_of = dict(merged.pairs)
     gen = torch.Generator().manual_seed(config.seed)
     sites = find_sites(parts.unet, include_out=config.include_out)
     deltas = SiteDeltas(parts.unet, sites)
@@ -135,10 +151,12 @@ def _unlearn(parts, forget, preserve, anchor, config, aligner, progress, metadat
                                                    config.gen_steps, cfg, gen) if preserve else (None, []))
     progress(ProgressEvent("prepare", 2, 2, {}, "ready"))
     forget_cond = parts.encode_text(forget_prompts)
-    anchor_cond = parts.encode_text([anchor])
+    anchor_cond = parts.encode_text([anchor_of[p] for p in forget_prompts])
     retain_cond = parts.encode_text(retain_prompts) if preserve else None
+    first_anchor = merged.concepts[0].anchor
 
-    stopper = _EarlyStop(parts, deltas, forget, anchor, aligner, config, cfg) if (aligner and config.early_stop) else None
+    stopper = _EarlyStop(parts, deltas, forget, [anchor_of[p] for p in forget], aligner, config, cfg) \
+        if (aligner and config.early_stop) else None
     optimizer = torch.optim.AdamW(deltas.parameters(), lr=config.lr, weight_decay=0.0)
     guard = NanGuard()
     history: list[dict] = []
@@ -149,21 +167,21 @@ def _unlearn(parts, forget, preserve, anchor, config, aligner, progress, metadat
     step = 0
     for step in range(1, config.steps + 1):
         if mask is None or (not config.static_mask and (step - 1) % config.mask_every == 0):
-            sal = estimate(parts, deltas, forget, config.saliency, aligner, anchor, gen, cfg)
+            sal = estimate(parts, deltas, forget, config.saliency, aligner, first_anchor, gen, cfg)
             mask = sal.mask
         loss, parts_log = _loss(parts, deltas, mask, config, gen, alphas, forget_lat, forget_cond, anchor_cond,
                                 retain_lat, retain_cond)
         grads = torch.autograd.grad(loss, deltas.parameters(), allow_unused=True)
         grads = [torch.zeros_like(d) if g is None else g for g, d in zip(grads, deltas.parameters())]
         if not guard.check(loss, grads):
-            guard.on_bad_step(optimizer)
+            guard.on_bad_step(optimizer, step)
             history.append({"step": step, "loss": float("nan"), "neurons": sal.total(), "skipped": True})
             progress(ProgressEvent("unlearn", step, config.steps, {"loss": float("nan")}, "non-finite loss: step skipped"))
             continue
         _masked_step(optimizer, deltas, grads, mask)
         record = {"step": step, "loss": float(loss), "neurons": sal.total(), "saliency": sal.objective, **parts_log}
         if stopper and (step % config.eval_every == 0 or step == config.steps):
-            record["forget_score"] = stopper.score(gen)
+            record["forget_score"] = stopper.score()
             stopped = record["forget_score"] <= stopper.threshold
         history.append(record)
         progress(ProgressEvent("unlearn", step, config.steps,
@@ -172,12 +190,14 @@ def _unlearn(parts, forget, preserve, anchor, config, aligner, progress, metadat
             break
     notes = list(guard.messages)
     if stopper:
-        notes.append(f"forget score {stopper.initial:.1f} -> {history[-1].get('forget_score', float('nan')):.1f} "
-                     f"(anchor {stopper.anchor_score:.1f}, stop at {stopper.threshold:.1f})")
+        final = next((h["forget_score"] for h in reversed(history) if "forget_score" in h), float("nan"))
+        notes.append(f"aligner score of the forget prompts {stopper.initial:.1f} -> {final:.1f} "
+                     f"(anchor {stopper.anchor_score:.1f}; early stop at {stopper.threshold:.1f})")
     meta = {
         "method": "trust", "loss": config.loss, "forget": json.dumps(forget), "preserve": json.dumps(preserve),
-        "anchor": anchor, "config": config.to_json(), "steps_run": str(step), "seed": str(config.seed),
-        "engine_version": __version__, "saliency_mode": sal.mode if sal else "", **metadata,
+        "anchors": json.dumps(sorted(set(anchor_of.values()))), "config": config.to_json(), "steps_run": str(step),
+        "seed": str(config.seed), "engine_version": __version__, "saliency_mode": sal.mode if sal else "",
+        **metadata,
     }
     return UnlearnResult(deltas.to_delta(meta, base_fp), history, step, stopped, time.time() - start, sal, notes)
 
@@ -193,7 +213,7 @@ def _loss(parts, deltas, mask, config, gen, alphas, forget_lat, forget_cond, anc
     x_in = x_t.to(parts.dtype)
     with torch.no_grad():
         target = parts.eps_from_output(
-            parts.denoise(deltas.base_call, x_in, t, anchor_cond.expand(b, -1, -1)).float(), x_t, t)
+            parts.denoise(deltas.base_call, x_in, t, anchor_cond[idx]).float(), x_t, t)
     csr = config.loss == "csr"
     with sdpa_kernel([SDPBackend.MATH]) if csr else nullcontext():  # fused kernels have no double backward
         pred = parts.eps_from_output(parts.denoise(deltas.call, x_in, t, forget_cond[idx]).float(), x_t, t)
@@ -266,22 +286,21 @@ def _masked_step(optimizer: torch.optim.Optimizer, deltas: SiteDeltas, grads, ma
 
 
 class _EarlyStop:
-    """Aligner score of fresh generations of the forget prompts against them, vs. the anchor's generations."""
+    """Aligner score of fresh generations of the forget prompts against them, vs. the anchors' generations."""
 
-    def __init__(self, parts, deltas, forget, anchor, aligner, config, cfg):
+    def __init__(self, parts, deltas, forget, anchors, aligner, config, cfg):
         self.parts, self.deltas, self.forget, self.aligner, self.config, self.cfg = parts, deltas, forget, aligner, config, cfg
-        gen = torch.Generator().manual_seed(config.seed + 7)
         self.n = 8
-        self.initial = self._score(deltas.base_call, forget, gen)
-        gen = torch.Generator().manual_seed(config.seed + 7)
-        self.anchor_score = self._score(deltas.base_call, [anchor] if anchor else [""], gen, against=forget)
+        self.initial = self._score(deltas.base_call, forget)
+        self.anchor_score = self._score(deltas.base_call, anchors, against=forget)
         self.threshold = self.anchor_score + config.early_stop * (self.initial - self.anchor_score)
 
     @torch.no_grad()
-    def _score(self, call, prompts, gen, against=None) -> float:
-        lat, chosen = generate_latents(self.parts, call, prompts, self.n, self.config.gen_steps, self.cfg, gen)
+    def _score(self, call, prompts, against=None) -> float:
+        gen = torch.Generator().manual_seed(self.config.seed + 7)  # the same noise every time: comparable scores
+        lat, _ = generate_latents(self.parts, call, prompts, self.n, self.config.gen_steps, self.cfg, gen)
         texts = [(against or prompts)[i % len(against or prompts)] for i in range(self.n)]
         return float(self.aligner.score(self.parts.decode(lat), texts).mean())
 
-    def score(self, gen) -> float:
-        return self._score(self.deltas.call, self.forget, torch.Generator().manual_seed(self.config.seed + 7))
+    def score(self) -> float:
+        return self._score(self.deltas.call, self.forget)

@@ -107,3 +107,13 @@ def evaluate(pipe, judge, sets: EvalSets, seeds: int = 2, steps: int = check.DEF
         "preserve_accuracy": float(np.mean(ok)),
         "parts_accuracy": float(np.mean(parts)) if parts else float("nan"),
     }
+
+
+def apply_delta(pipe, delta, strength: float = 1.0) -> None:
+    """Write base + strength * delta into this (the evaluator's own, freshly loaded) pipeline's UNet."""
+    from ..unet_view import find_sites, set_site_weight, site_weights
+
+    sites = {s.name: s for s in find_sites(pipe.unet, include_out=True)}
+    new = delta.apply_to(site_weights(pipe.unet, [sites[n] for n in delta.sites if n in sites]), strength)
+    for name, weight in new.items():
+        set_site_weight(pipe.unet, sites[name], weight)

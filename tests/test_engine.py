@@ -1,0 +1,154 @@
+"""The TRuST engine on the bundled testbed: host weights never written, interruption and failure leave them
+bit-identical, CSR's double backprop is a correct gradient, a short run lowers the concept's aligner score."""
+
+import threading
+
+import pytest
+import torch
+
+from trust_engine import concepts, unlearn
+from trust_engine.delta import BaseMismatchError, Delta, fingerprint
+from trust_engine.functional import SiteDeltas
+from trust_engine.progress import Interrupted, stop_flag_callback
+from trust_engine.saliency import SaliencyConfig, estimate
+from trust_engine.unet_view import UnknownArchitectureError, find_sites, site_weights
+
+TINY = dict(steps=3, forget_images=4, preserve_images=4, gen_steps=4, batch=2, early_stop=None,
+            saliency=SaliencyConfig(steps=4, images=1))
+
+
+def _snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _identical(module, snapshot):
+    state = module.state_dict()
+    return all(torch.equal(state[k], v) for k, v in snapshot.items())
+
+
+@pytest.mark.parametrize("loss", ["cip", "csr"])
+def test_run_leaves_host_weights_bit_identical_and_untrainable(testbed, loss):
+    pipe, parts, aligner = testbed
+    before = _snapshot(pipe.unet)
+    flags = {n: p.requires_grad for n, p in pipe.unet.named_parameters()}
+    result = unlearn.unlearn(parts, concepts.expand("triangle"), unlearn.config_for(loss, **TINY), aligner, default_cfg=3.0)
+    assert _identical(pipe.unet, before)
+    assert all(p.grad is None for p in pipe.unet.parameters())
+    assert flags == {n: p.requires_grad for n, p in pipe.unet.named_parameters()}
+    assert result.delta.sites, "a run changes some concept-neuron rows"
+    changed = {n for n in result.delta.sites}
+    assert all(".attn2.to_" in n for n in changed)
+
+
+def test_exception_and_interruption_mid_run_leave_host_bit_identical(testbed):
+    pipe, parts, aligner = testbed
+    before = _snapshot(pipe.unet)
+
+    def failing(event):
+        if event.stage == "unlearn" and event.step == 2:
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        unlearn.unlearn(parts, concepts.expand("triangle"), unlearn.config_for("cip", **TINY), aligner, failing)
+    assert _identical(pipe.unet, before)
+
+    flag = threading.Event()
+    stop = stop_flag_callback(flag)
+
+    def interrupt_at_step_1(event):
+        if event.stage == "unlearn":
+            flag.set()
+        stop(event)
+
+    with pytest.raises(Interrupted):
+        unlearn.unlearn(parts, concepts.expand("red circle", "combination"), unlearn.config_for("csr", **TINY), aligner,
+                        interrupt_at_step_1)
+    assert _identical(pipe.unet, before)
+
+
+def test_masked_updates_touch_only_concept_neuron_rows(testbed):
+    pipe, parts, aligner = testbed
+    config = unlearn.config_for("cip", **{**TINY, "static_mask": True, "steps": 4})
+    result = unlearn.unlearn(parts, concepts.expand("triangle"), config, aligner, default_cfg=3.0)
+    mask = result.last_saliency.mask  # static: the one mask used throughout
+    for name, rows in result.delta.sites.items():
+        assert mask[name][rows.rows].all(), name
+
+
+def test_csr_penalty_gradient_matches_finite_differences():
+    torch.manual_seed(0)
+    w0 = torch.randn(5, 4, dtype=torch.float64)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    head = torch.randn(2, 5, dtype=torch.float64)
+    mask = torch.tensor([True, False, True, True, False])
+
+    class Toy:
+        def __init__(self):
+            self.delta = {"site": torch.zeros(5, 4, dtype=torch.float64, requires_grad=True)}
+            self.base = {"site": w0}
+
+    toy = Toy()
+
+    def penalty(d):
+        toy.delta["site"] = d
+        pred = torch.tanh(x @ (w0 + d).T) @ head.T  # a small nonlinear "noise predictor"
+        gen = torch.Generator().manual_seed(1)
+        return unlearn._csr_penalty(pred, toy, [(d, mask)], gen)
+
+    d = (0.1 * torch.randn(5, 4, dtype=torch.float64)).requires_grad_(True)
+    (grad,) = torch.autograd.grad(penalty(d), d)
+    numeric = torch.zeros_like(d)
+    eps = 1e-6
+    for i in range(5):
+        for j in range(4):
+            e = torch.zeros_like(d)
+            e[i, j] = eps
+            plus = (d + e).detach().requires_grad_(True)  # the penalty itself differentiates w.r.t. its input
+            minus = (d - e).detach().requires_grad_(True)
+            numeric[i, j] = (penalty(plus) - penalty(minus)).detach() / (2 * eps)
+    assert torch.allclose(grad, numeric, rtol=1e-5, atol=1e-8)
+    assert grad.abs().sum() > 0
+
+
+def test_saliency_finds_outlier_rows_per_projection_type(testbed):
+    pipe, parts, aligner = testbed
+    deltas = SiteDeltas(pipe.unet, find_sites(pipe.unet))
+    result = estimate(parts, deltas, ["a triangle"], SaliencyConfig(steps=6), aligner, cfg=3.0)
+    rows = sum(m.numel() for m in result.mask.values())
+    assert 0 < result.total() < 0.2 * rows
+    assert set(result.kinds.values()) == {"q", "k", "v"}
+    noise = estimate(parts, deltas, ["a triangle"], SaliencyConfig(steps=6, mode="noise"), None, anchor="", cfg=3.0)
+    assert noise.mode == "noise" and noise.total() > 0
+
+
+@pytest.mark.slow
+def test_short_run_lowers_the_concepts_aligner_score(testbed):
+    pipe, parts, aligner = testbed
+    config = unlearn.config_for("cip", steps=20, eval_every=20, early_stop=0.0, forget_images=16, preserve_images=16)
+    result = unlearn.unlearn(parts, concepts.expand("triangle"), config, aligner, default_cfg=3.0)
+    scores = [h["forget_score"] for h in result.history if "forget_score" in h]
+    note = [n for n in result.notes if n.startswith("aligner score")][0]
+    initial = float(note.split()[5])
+    assert scores[-1] < initial - 1.0, note
+
+
+def test_bad_inputs_get_specific_errors(testbed, tmp_path):
+    pipe, parts, aligner = testbed
+    with pytest.raises(concepts.ConceptError, match="type the concept"):
+        concepts.expand("   ")
+    from trust_engine.testbed.world import UnknownWordError
+
+    with pytest.raises(UnknownWordError, match="'cat'"):
+        unlearn.unlearn(parts, concepts.expand("a cat"), unlearn.config_for("cip", **TINY), aligner)
+    weights = site_weights(pipe.unet, find_sites(pipe.unet))
+    name = next(iter(weights))
+    diff = torch.zeros_like(weights[name])
+    diff[0] = 1.0
+    delta = Delta.from_dense({name: diff}, {}, base_fingerprint="0" * 64)  # made on some other model
+    with pytest.raises(BaseMismatchError, match="another base model"):
+        delta.check_base(fingerprint(site_weights(pipe.unet, find_sites(pipe.unet))))
+    from diffusers import UNet2DModel
+
+    with pytest.raises(UnknownArchitectureError, match="SD1.x"):
+        find_sites(UNet2DModel(sample_size=8, block_out_channels=(32, 32), norm_num_groups=8,
+                               down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D")))
