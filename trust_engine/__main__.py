@@ -195,6 +195,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_scale(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench import run
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("float16" if device == "cuda" else "float32")
+    rows = run(args.arch, args.steps, device, dtype, progress=lambda m: print(m, file=sys.stderr))
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"device {device}, {dtype}, batch 1, {args.steps} timed step(s) after one counted warm-up")
+    print(f"{'arch':<6}{'method':<11}{'GFLOP':>10}{'x FT':>7}{'peak GB':>9}{'x FT':>7}{'trainable':>12}{'x FT':>8}{'cpu s':>8}{'x FT':>7}")
+    for r in rows:
+        print(f"{r['arch']:<6}{r['method']:<11}{r['flops'] / 1e9:>10.1f}{r['flops_vs_full_ft']:>7.2f}"
+              f"{r['peak_bytes'] / 2**30:>9.2f}{r['peak_bytes_vs_full_ft']:>7.2f}{r['trainable']:>12,}"
+              f"{r['trainable_vs_full_ft']:>8.4f}{r['cpu_s']:>8.1f}{r['cpu_s_vs_full_ft']:>7.2f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .testbed.check import DEFAULT_CFG, DEFAULT_STEPS
 
@@ -245,6 +265,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="out", help="folder for deltas, figures and the PNG grid (default ./out)")
     training_options(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench-scale", help="FLOPs/memory/time of one TRuST step vs full fine-tuning and ESD on SD-sized UNets")
+    p.add_argument("--arch", nargs="+", choices=("sd15", "sdxl", "tiny"), default=["sd15", "sdxl"], help="UNet shapes (default sd15 sdxl)")
+    p.add_argument("--steps", type=int, default=1, help="timed steps per method after the counted one (default 1)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
+    p.add_argument("--dtype", help="float32 / float16 / bfloat16 (default: float16 on CUDA, else float32)")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.set_defaults(func=cmd_bench_scale)
 
     args = parser.parse_args(argv)
     return args.func(args)
