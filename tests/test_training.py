@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 from trust_engine.testbed import train
 
-TINY = ["--train-images", "64", "--judge-images", "64", "--holdout-images", "32", "--judge-steps", "2",
+TINY = ["--train-images", "64", "--judge-images", "64", "--judge-steps", "2",
         "--aligner-steps", "2", "--vae-steps", "2", "--unet-steps", "2", "--unet-batch", "4"]
 
 

@@ -68,7 +68,8 @@ def _unlearn_config(args: argparse.Namespace):
     from .saliency import SaliencyConfig
     from .unlearn import config_for
 
-    overrides = {k: getattr(args, k) for k in ("steps", "lr", "beta", "mask_every", "seed") if getattr(args, k, None) is not None}
+    keys = ("steps", "lr", "beta", "alpha", "mask_every", "seed", "retain_target")
+    overrides = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     config = config_for(args.loss, **overrides, static_mask=args.static_mask)
     config.saliency = SaliencyConfig(xi=args.xi)
     return config
@@ -237,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--steps", type=int, help="fine-tuning steps (default: the loss's config, 60)")
         p.add_argument("--lr", type=float, help="learning rate of the delta rows")
         p.add_argument("--beta", type=float, help="weight of the CIP/CSR term (default 0.1 CIP, 0.02 CSR)")
+        p.add_argument("--alpha", type=float, help="weight of the retain loss (default 0.5)")
+        p.add_argument("--retain-target", choices=("noise", "base"), help="retain loss target (default noise, as SalUn)")
         p.add_argument("--xi", type=float, default=2.0, help="z-score threshold of concept neurons (default 2.0)")
         p.add_argument("--mask-every", type=int, help="re-find the concept neurons every k steps (default 1)")
         p.add_argument("--static-mask", action="store_true", help="ablation: find the concept neurons once only")

@@ -34,9 +34,15 @@ class UnlearnConfig:
 
     loss: str = _f("cip", "cip: L1 penalty on the concept neurons' weights; csr: penalty on the noise prediction's sensitivity to them")
     steps: int = _f(60, "fine-tuning steps (an early stop may end sooner)")
-    lr: float = _f(2e-3, "AdamW learning rate of the delta rows")
+    lr: float = _f(5e-3, "AdamW learning rate of the delta rows")
     beta: float = _f(0.1, "weight of the CIP/CSR term")
     alpha: float = _f(0.5, "weight of the retain (preserve) noise loss, as in SalUn")
+    retain_target: str = _f("noise", "retain loss target: 'noise' (SalUn: the sampled noise) or 'base' (the base "
+                                     "model's own prediction: zero at the start, so any drift on preserve prompts costs)")
+    retain_unconditional: bool = _f(True, "add the empty prompt to the retain set: classifier-free guidance leans on the "
+                                           "unconditional prediction, and the changed rows also act on it")
+    negative_guidance: float = _f(1.0, "forget target = eps_anchor - eta * (eps_concept - eps_anchor) of the base model "
+                                       "(ESD's negative guidance); 0 = pull plainly to the anchor (SalUn)")
     mask_every: int = _f(1, "re-estimate the concept neurons every k steps (paper: every step)")
     static_mask: bool = _f(False, "ablation: estimate the mask once and keep it")
     batch: int = _f(8, "forget and retain latents per step (each)")
@@ -137,6 +143,8 @@ def unlearn(parts: DiffusionParts, concepts: ExpandedConcept | MergedConcepts | 
 def _unlearn(parts, merged: MergedConcepts, config, aligner, progress, metadata, cfg) -> UnlearnResult:
     start = time.time()
     forget, preserve = list(merged.forget), list(merged.preserve)
+    if config.retain_unconditional and "" not in preserve:
+        preserve.append("")
     anchor_of = dict(merged.pairs)
     gen = torch.Generator().manual_seed(config.seed)
     sites = find_sites(parts.unet, include_out=config.include_out)
@@ -203,7 +211,8 @@ def _unlearn(parts, merged: MergedConcepts, config, aligner, progress, metadata,
 
 
 def _loss(parts, deltas, mask, config, gen, alphas, forget_lat, forget_cond, anchor_cond, retain_lat, retain_cond):
-    """L_prev (forget: concept prediction -> the base model's anchor prediction; retain: noise MSE) + beta * R."""
+    """L_prev (forget: concept prediction -> the base model's anchor prediction, pushed further away from the
+    concept by negative guidance; retain: noise MSE) + beta * R."""
     b = min(config.batch, forget_lat.shape[0])
     idx = torch.randint(0, forget_lat.shape[0], (b,), generator=gen)
     t = torch.randint(0, alphas.shape[0], (b,), generator=gen).to(parts.device)
@@ -214,6 +223,9 @@ def _loss(parts, deltas, mask, config, gen, alphas, forget_lat, forget_cond, anc
     with torch.no_grad():
         target = parts.eps_from_output(
             parts.denoise(deltas.base_call, x_in, t, anchor_cond[idx]).float(), x_t, t)
+        if config.negative_guidance:
+            concept = parts.eps_from_output(parts.denoise(deltas.base_call, x_in, t, forget_cond[idx]).float(), x_t, t)
+            target = target - config.negative_guidance * (concept - target)
     csr = config.loss == "csr"
     with sdpa_kernel([SDPBackend.MATH]) if csr else nullcontext():  # fused kernels have no double backward
         pred = parts.eps_from_output(parts.denoise(deltas.call, x_in, t, forget_cond[idx]).float(), x_t, t)
@@ -226,7 +238,12 @@ def _loss(parts, deltas, mask, config, gen, alphas, forget_lat, forget_cond, anc
             r_noise = torch.randn(retain_lat[r_idx].shape, generator=gen).to(parts.device)
             ra = alphas[r_t].view(-1, 1, 1, 1)
             r_x = ra.sqrt() * retain_lat[r_idx] + (1 - ra).sqrt() * r_noise
-            r_pred = parts.eps_from_output(parts.denoise(deltas.call, r_x.to(parts.dtype), r_t, retain_cond[r_idx]).float(), r_x, r_t)
+            r_in = r_x.to(parts.dtype)
+            r_pred = parts.eps_from_output(parts.denoise(deltas.call, r_in, r_t, retain_cond[r_idx]).float(), r_x, r_t)
+            if config.retain_target == "base":
+                with torch.no_grad():
+                    r_noise = parts.eps_from_output(
+                        parts.denoise(deltas.base_call, r_in, r_t, retain_cond[r_idx]).float(), r_x, r_t)
             loss_retain = F.mse_loss(r_pred, r_noise)
             loss = loss + config.alpha * loss_retain
             log["retain_loss"] = float(loss_retain)

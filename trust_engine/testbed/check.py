@@ -124,9 +124,10 @@ def save_grid(path: str | Path, prompts: list[str], images: torch.Tensor, column
         x, y = c * width, r * (cell_h + caption_h)
         pixels = (image.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         sheet.paste(Image.fromarray(pixels).resize((cell_w, cell_h), Image.NEAREST), (x + (width - cell_w) // 2, y))
-        words, lines = prompt.split(), ["", ""]
-        for word in words:  # two short caption lines
-            k = 0 if len(lines[0]) + len(word) < 24 else 1
+        lines, k = ["", ""], 0
+        for word in prompt.split():  # two short caption lines, words in order
+            if k == 0 and len(lines[0]) + len(word) >= 24:
+                k = 1
             lines[k] = (lines[k] + " " + word).strip()
         draw.text((x + 2, y + cell_h), "\n".join(lines), fill="black")
     path = Path(path)

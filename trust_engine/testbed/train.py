@@ -110,8 +110,7 @@ def batches(n: int, batch: int, step: int, seed: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- stages
 
 def stage_data(work: Path, args) -> None:
-    for name, n, seed, empty in (("train", args.train_images, args.seed, 0.0), ("judge", args.judge_images, args.seed + 1, 0.04),
-                                 ("holdout", args.holdout_images, args.seed + 2, 0.04)):
+    for name, n, seed, empty in (("train", args.train_images, args.seed, 0.0), ("judge", args.judge_images, args.seed + 1, 0.04)):
         out = work / f"data_{name}.npz"
         if out.exists():
             continue
@@ -146,21 +145,9 @@ def stage_judge(work: Path, args) -> None:
     train_loop("judge", work, args.judge_steps, {"model": judge}, 2e-3, loss_fn)
     judge.eval()
     save_file(judge.state_dict(), work / "judge.safetensors")
-    acc = judge_accuracy(judge, *load_set(work, "holdout"))
-    log("judge", f"held-out accuracy per attribute {json.dumps(acc)}")
+    from .check import judge_accuracy
 
-
-def judge_accuracy(judge: models.Judge, images: np.ndarray, labels: np.ndarray, seed: int = 7) -> dict[str, float]:
-    """Per-attribute accuracy on renders augmented like generations (attributes of absent objects skipped)."""
-    gen = torch.Generator().manual_seed(seed)
-    preds = []
-    with torch.no_grad():
-        for i in range(0, len(images), 500):
-            x = data.augment(data.to_tensor(images[i:i + 500]), gen)
-            preds.append(torch.stack([t.argmax(1) for t in judge(x)], 1).numpy())
-    pred = np.concatenate(preds)
-    names = ["layout", "shape0", "colour0", "shape1", "colour1"]
-    return {n: float((pred[labels[:, k] >= 0, k] == labels[labels[:, k] >= 0, k]).mean()) for k, n in enumerate(names)}
+    log("judge", f"held-out accuracy per attribute {json.dumps(judge_accuracy(judge))}")
 
 
 def stage_aligner(work: Path, args) -> None:
@@ -320,7 +307,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--train-images", type=int, default=60_000)
     parser.add_argument("--judge-images", type=int, default=30_000)
-    parser.add_argument("--holdout-images", type=int, default=4000)
     parser.add_argument("--judge-steps", type=int, default=1500)
     parser.add_argument("--aligner-steps", type=int, default=1500)
     parser.add_argument("--vae-steps", type=int, default=1500)
