@@ -28,6 +28,10 @@ def _progress(label: str):
 def cmd_testbed_check(args: argparse.Namespace) -> int:
     from .testbed import check
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     config = check.CheckConfig(steps=args.steps, cfg=args.cfg, seed=args.seed)
     report, samples = check.run(config, progress=None if args.json else _progress("sampling"))
     if args.grid:
@@ -152,11 +156,12 @@ def _check_base(delta) -> None:
     delta.check_base(fingerprint(site_weights(unet, find_sites(unet))))
 
 
-# (concept, mode, prompts shown before/after in the grid: the concept, a synonym or part, something to keep)
+# (concept, mode, preserve prompts a user would add, prompts shown before/after in the grid). Combination and
+# conditional concepts preserve their parts by themselves; an individual concept has no parts to derive.
 DEMO_TASKS = (
-    ("triangle", "individual", ("a triangle", "a wedge", "a square")),
-    ("red circle", "combination", ("a red circle", "a circle", "a red square")),
-    ("circle on a square", "conditional", ("a circle on a square", "a circle", "a circle next to a square")),
+    ("triangle", "individual", ("a circle", "a square", "a star"), ("a triangle", "a wedge", "a square")),
+    ("red circle", "combination", (), ("a red circle", "a circle", "a red square")),
+    ("circle on a square", "conditional", (), ("a circle on a square", "a circle", "a circle next to a square")),
 )
 
 
@@ -170,8 +175,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     pipe, parts, aligner, cfg = _load_model(args)
     rows, grid_prompts, grid_images = [], [], []
-    for concept, mode, shown in DEMO_TASKS:
-        ns = argparse.Namespace(**{**vars(args), "concept": concept, "mode": mode, "preserve": None,
+    for concept, mode, preserve, shown in DEMO_TASKS:
+        ns = argparse.Namespace(**{**vars(args), "concept": concept, "mode": mode, "preserve": list(preserve),
                                    "out": str(out / f"erase_{concept.replace(' ', '_')}.safetensors")})
         print(f"\n== erasing {concept!r} ({mode}, {args.loss.upper()}) ==")
         _, result = run_unlearn(ns, pipe, parts, aligner, cfg, quiet=True)
@@ -226,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"DDIM steps (default {DEFAULT_STEPS})")
         p.add_argument("--cfg", type=float, default=DEFAULT_CFG, help=f"guidance scale (default {DEFAULT_CFG})")
         p.add_argument("--seed", type=int, default=0, help="seed of prompts and sampling noise (default 0)")
+        p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
 
     p = sub.add_parser("testbed-check", help="sample the bundled model over a fixed prompt set and judge it")
     sampling_options(p)
@@ -278,7 +284,15 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_bench_scale)
 
     args = parser.parse_args(argv)
-    return args.func(args)
+    from .concepts import ConceptError
+    from .delta import BaseMismatchError, DeltaFileError
+    from .unet_view import UnknownArchitectureError
+
+    try:
+        return args.func(args)
+    except (ConceptError, DeltaFileError, BaseMismatchError, UnknownArchitectureError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)  # a clear message, not a traceback, for input problems
+        return 2
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import argparse
 import copy
 import json
 import math
+import shlex
 import shutil
 import sys
 import time
@@ -319,10 +320,38 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    for stage in [args.stage] if args.stage else STAGES:
+    if args.stage:
+        log(args.stage, "start")
+        globals()[f"stage_{args.stage}"](work, args)
+    else:
+        run_all(work, args, list(argv if argv is not None else sys.argv[1:]))
+    log("train", "done")
+
+
+def run_all(work: Path, args, argv: list[str]) -> None:
+    """All stages on 2 cores: the aligner on one core while the VAE and then the judge use the other (small
+    models use a core better one each than two together), then the UNet on both, then the export."""
+    import os
+    import subprocess
+
+    start = time.time()
+    stage_data(work, args)
+
+    def launch(*stages: str) -> subprocess.Popen:
+        chain = " && ".join(
+            shlex.join([sys.executable, "-m", "trust_engine.testbed.train", *argv, "--stage", s, "--threads", "1"])
+            for s in stages
+        )
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]))
+        return subprocess.Popen(chain, shell=True, env=env)
+
+    jobs = [launch("aligner"), launch("vae", "judge")]
+    if any(job.wait() != 0 for job in jobs):
+        raise SystemExit("a training stage failed; see its output above, then run the same command again to resume")
+    for stage in ("unet", "export"):
         log(stage, "start")
         globals()[f"stage_{stage}"](work, args)
-    log("train", "done")
+    log("train", f"all stages in {(time.time() - start) / 60:.0f} min")
 
 
 if __name__ == "__main__":

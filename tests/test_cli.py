@@ -1,0 +1,34 @@
+"""The command line end to end on the testbed: unlearn writes a delta file that evaluate reads and judges."""
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def run(*args):
+    result = subprocess.run([sys.executable, "-m", "trust_engine", *args], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_unlearn_then_evaluate_json(tmp_path):
+    delta = tmp_path / "d.safetensors"
+    out = run("unlearn", "--concept", "red circle", "--mode", "combination", "--steps", "2", "--out", str(delta))
+    assert "a red object" in out  # the derived part is explained
+    report = json.loads(run("evaluate", "--delta", str(delta), "--seeds", "1", "--json").strip().splitlines()[-1])
+    for key in ("forget_rate", "forget_rate_before", "synonym_forget_rate", "preserve_accuracy", "preserve_accuracy_before"):
+        assert 0.0 <= report[key] <= 1.0, key
+    assert report["concept"] == "red circle" and report["mode"] == "combination"
+
+
+def test_bad_inputs_exit_with_a_clear_message(tmp_path):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file at all")
+    result = subprocess.run([sys.executable, "-m", "trust_engine", "evaluate", "--delta", str(junk)], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "not a readable safetensors file" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "trust_engine", "unlearn", "--concept", " "], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "type the concept" in result.stderr
