@@ -16,7 +16,6 @@ def test_pipeline_is_stock_diffusers_and_loads_offline(pipe, monkeypatch):
     assert isinstance(pipe.text_encoder, CLIPTextModel)
     names = {n for n, _ in pipe.unet.named_modules()}
     assert any(n.endswith("attn2.to_k") for n in names) and any(n.endswith("ff.net.2") for n in names)
-    assert pipe.unet.config.prediction_type if hasattr(pipe.unet.config, "prediction_type") else True
     assert pipe.scheduler.config.prediction_type == "epsilon"
 
 
@@ -32,10 +31,13 @@ def test_text_encoder_is_the_aligners_frozen_text_tower(pipe):
 def test_sampling_is_deterministic_for_a_seed(pipe):
     prompts = ["a red circle", "a blue square on a green triangle"]
     a = check.generate(pipe, prompts, seed=3, steps=5)
-    b = check.generate(pipe, prompts, seed=3, steps=5, batch=1)
-    c = check.generate(pipe, prompts, seed=4, steps=5)
-    assert torch.equal(a, b)
-    assert not torch.equal(a, c)
+    again = check.generate(pipe, prompts, seed=3, steps=5)
+    one_by_one = check.generate(pipe, prompts, seed=3, steps=5, batch=1)
+    other_seed = check.generate(pipe, prompts, seed=4, steps=5)
+    assert torch.equal(a, again)
+    # the noise of prompt i does not depend on the batch; only float rounding of batched kernels differs
+    assert torch.allclose(a, one_by_one, atol=1e-3)
+    assert (a - other_seed).abs().max() > 0.1
 
 
 def test_unknown_words_fail_before_sampling(pipe):

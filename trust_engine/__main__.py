@@ -35,8 +35,8 @@ def cmd_testbed_check(args: argparse.Namespace) -> int:
     config = check.CheckConfig(steps=args.steps, cfg=args.cfg, seed=args.seed)
     report, samples = check.run(config, progress=None if args.json else _progress("sampling"))
     if args.grid:
-        prompts = [p for name in ("single_object", "two_object") for p in samples[name][0][::6]]
-        images = [i for name in ("single_object", "two_object") for i in samples[name][1][::6]]
+        prompts = [p for name in ("single_object", "two_object") for p in samples[name][0][::5]]
+        images = [i for name in ("single_object", "two_object") for i in samples[name][1][::5]]
         import torch
 
         check.save_grid(args.grid, prompts, torch.stack(images))
