@@ -164,7 +164,7 @@ def _unlearn(parts, merged: MergedConcepts, config, aligner, progress, metadata,
     first_anchor = merged.concepts[0].anchor
 
     stopper = _EarlyStop(parts, deltas, forget, [anchor_of[p] for p in forget], aligner, config, cfg) \
-        if (aligner and config.early_stop) else None
+        if (aligner and config.early_stop is not None) else None
     optimizer = torch.optim.AdamW(deltas.parameters(), lr=config.lr, weight_decay=0.0)
     guard = NanGuard()
     history: list[dict] = []
