@@ -88,6 +88,7 @@ class UnlearnResult:
     seconds: float
     last_saliency: SaliencyResult | None
     notes: list[str]
+    forget_score_before: float | None = None  # aligner score of the forget prompts' generations at the start
 
     def report(self) -> str:
         changed = sum(d.rank for d in self.delta.sites.values())
@@ -207,7 +208,8 @@ def _unlearn(parts, merged: MergedConcepts, config, aligner, progress, metadata,
         "seed": str(config.seed), "engine_version": __version__, "saliency_mode": sal.mode if sal else "",
         **metadata,
     }
-    return UnlearnResult(deltas.to_delta(meta, base_fp), history, step, stopped, time.time() - start, sal, notes)
+    return UnlearnResult(deltas.to_delta(meta, base_fp), history, step, stopped, time.time() - start, sal, notes,
+                         stopper.initial if stopper else None)
 
 
 def _loss(parts, deltas, mask, config, gen, alphas, forget_lat, forget_cond, anchor_cond, retain_lat, retain_cond):
