@@ -212,49 +212,48 @@ def _unlearn(parts, merged: MergedConcepts, config, aligner, progress, metadata,
                          stopper.initial if stopper else None)
 
 
+def _noised(latents: torch.Tensor, b: int, alphas: torch.Tensor, gen: torch.Generator, device):
+    """A random batch of clean latents noised to random timesteps: (index, t, noise, x_t)."""
+    idx = torch.randint(0, latents.shape[0], (b,), generator=gen)
+    t = torch.randint(0, alphas.shape[0], (b,), generator=gen).to(device)
+    noise = torch.randn(latents[idx].shape, generator=gen).to(device)
+    a = alphas[t].view(-1, 1, 1, 1)
+    return idx, t, noise, a.sqrt() * latents[idx] + (1 - a).sqrt() * noise
+
+
+def _eps(parts: DiffusionParts, call, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    """Noise prediction (float32) of `call` (base or base + delta), whatever the model predicts."""
+    return parts.eps_from_output(parts.denoise(call, x_t.to(parts.dtype), t, cond).float(), x_t, t)
+
+
 def _loss(parts, deltas, mask, config, gen, alphas, forget_lat, forget_cond, anchor_cond, retain_lat, retain_cond):
     """L_prev (forget: concept prediction -> the base model's anchor prediction, pushed further away from the
-    concept by negative guidance; retain: noise MSE) + beta * R."""
+    concept by negative guidance; retain: noise MSE or the base prediction) + beta * R."""
     b = min(config.batch, forget_lat.shape[0])
-    idx = torch.randint(0, forget_lat.shape[0], (b,), generator=gen)
-    t = torch.randint(0, alphas.shape[0], (b,), generator=gen).to(parts.device)
-    noise = torch.randn(forget_lat[idx].shape, generator=gen).to(parts.device)
-    a = alphas[t].view(-1, 1, 1, 1)
-    x_t = a.sqrt() * forget_lat[idx] + (1 - a).sqrt() * noise
-    x_in = x_t.to(parts.dtype)
+    idx, t, _, x_t = _noised(forget_lat, b, alphas, gen, parts.device)
     with torch.no_grad():
-        target = parts.eps_from_output(
-            parts.denoise(deltas.base_call, x_in, t, anchor_cond[idx]).float(), x_t, t)
+        target = _eps(parts, deltas.base_call, x_t, t, anchor_cond[idx])
         if config.negative_guidance:
-            concept = parts.eps_from_output(parts.denoise(deltas.base_call, x_in, t, forget_cond[idx]).float(), x_t, t)
+            concept = _eps(parts, deltas.base_call, x_t, t, forget_cond[idx])
             target = target - config.negative_guidance * (concept - target)
     csr = config.loss == "csr"
     with sdpa_kernel([SDPBackend.MATH]) if csr else nullcontext():  # fused kernels have no double backward
-        pred = parts.eps_from_output(parts.denoise(deltas.call, x_in, t, forget_cond[idx]).float(), x_t, t)
+        pred = _eps(parts, deltas.call, x_t, t, forget_cond[idx])
         loss_forget = F.mse_loss(pred, target)
         loss = loss_forget
         log = {"forget_loss": float(loss_forget)}
         if retain_lat is not None and config.alpha > 0:
-            r_idx = torch.randint(0, retain_lat.shape[0], (b,), generator=gen)
-            r_t = torch.randint(0, alphas.shape[0], (b,), generator=gen).to(parts.device)
-            r_noise = torch.randn(retain_lat[r_idx].shape, generator=gen).to(parts.device)
-            ra = alphas[r_t].view(-1, 1, 1, 1)
-            r_x = ra.sqrt() * retain_lat[r_idx] + (1 - ra).sqrt() * r_noise
-            r_in = r_x.to(parts.dtype)
-            r_pred = parts.eps_from_output(parts.denoise(deltas.call, r_in, r_t, retain_cond[r_idx]).float(), r_x, r_t)
+            r_idx, r_t, r_target, r_x = _noised(retain_lat, b, alphas, gen, parts.device)
+            r_pred = _eps(parts, deltas.call, r_x, r_t, retain_cond[r_idx])
             if config.retain_target == "base":
                 with torch.no_grad():
-                    r_noise = parts.eps_from_output(
-                        parts.denoise(deltas.base_call, r_in, r_t, retain_cond[r_idx]).float(), r_x, r_t)
-            loss_retain = F.mse_loss(r_pred, r_noise)
+                    r_target = _eps(parts, deltas.base_call, r_x, r_t, retain_cond[r_idx])
+            loss_retain = F.mse_loss(r_pred, r_target)
             loss = loss + config.alpha * loss_retain
             log["retain_loss"] = float(loss_retain)
         masked = [(d, mask[name]) for name, d in deltas.delta.items() if mask[name].any()]
         if masked and config.beta > 0:
-            if csr:
-                penalty = _csr_penalty(pred, deltas, masked, gen)
-            else:
-                penalty = _cip_penalty(deltas, masked)
+            penalty = _csr_penalty(pred, deltas, masked, gen) if csr else _cip_penalty(deltas, masked)
             loss = loss + config.beta * penalty
             log["penalty"] = float(penalty)
     return loss, log
