@@ -188,7 +188,7 @@ def _unlearn(parts, merged: MergedConcepts, config, aligner, progress, metadata,
             progress(ProgressEvent("unlearn", step, config.steps, {"loss": float("nan")}, "non-finite loss: step skipped"))
             continue
         _masked_step(optimizer, deltas, grads, mask)
-        record = {"step": step, "loss": float(loss), "neurons": sal.total(), "saliency": sal.objective, **parts_log}
+        record = {"step": step, "loss": float(loss.detach()), "neurons": sal.total(), "saliency": sal.objective, **parts_log}
         if stopper and (step % config.eval_every == 0 or step == config.steps):
             record["forget_score"] = stopper.score()
             stopped = record["forget_score"] <= stopper.threshold
@@ -241,7 +241,7 @@ def _loss(parts, deltas, mask, config, gen, alphas, forget_lat, forget_cond, anc
         pred = _eps(parts, deltas.call, x_t, t, forget_cond[idx])
         loss_forget = F.mse_loss(pred, target)
         loss = loss_forget
-        log = {"forget_loss": float(loss_forget)}
+        log = {"forget_loss": float(loss_forget.detach())}
         if retain_lat is not None and config.alpha > 0:
             r_idx, r_t, r_target, r_x = _noised(retain_lat, b, alphas, gen, parts.device)
             r_pred = _eps(parts, deltas.call, r_x, r_t, retain_cond[r_idx])
@@ -250,12 +250,12 @@ def _loss(parts, deltas, mask, config, gen, alphas, forget_lat, forget_cond, anc
                     r_target = _eps(parts, deltas.base_call, r_x, r_t, retain_cond[r_idx])
             loss_retain = F.mse_loss(r_pred, r_target)
             loss = loss + config.alpha * loss_retain
-            log["retain_loss"] = float(loss_retain)
+            log["retain_loss"] = float(loss_retain.detach())
         masked = [(d, mask[name]) for name, d in deltas.delta.items() if mask[name].any()]
         if masked and config.beta > 0:
             penalty = _csr_penalty(pred, deltas, masked, gen) if csr else _cip_penalty(deltas, masked)
             loss = loss + config.beta * penalty
-            log["penalty"] = float(penalty)
+            log["penalty"] = float(penalty.detach())
     return loss, log
 
 
