@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from .parts import _features
+from .parts import features_of
 
 ARCHS = {
     "sd15": dict(
@@ -146,8 +146,8 @@ def make_step(arch: str, method: str, device, dtype, saliency_steps: int = 5, es
         x0 = latents - 0.5 * (eps[:1] + 7.5 * (eps[:1] - eps[1:]))
         image = vae.decode(x0 / 0.18215).sample
         image = F.interpolate(image, size=(image_size, image_size), mode="bicubic", align_corners=False)
-        score = F.cosine_similarity(_features(clip.get_image_features(pixel_values=image - mean)),
-                                    _features(clip.get_text_features(input_ids=ids)), dim=-1).sum()
+        score = F.cosine_similarity(features_of(clip.get_image_features(pixel_values=image - mean)),
+                                    features_of(clip.get_text_features(input_ids=ids)), dim=-1).sum()
         sal = torch.autograd.grad(score, deltas.parameters(), allow_unused=True)
         mask = {s.name: (g.abs().mean(1) > g.abs().mean(1).mean() + 2 * g.abs().mean(1).std()) if g is not None
                 else torch.zeros(s.out_features, dtype=torch.bool, device=device) for s, g in zip(sites, sal)}

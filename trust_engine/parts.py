@@ -73,7 +73,7 @@ class Aligner:
         device = next(self.model.parameters()).device
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids.to(device)
-        return _features(self.model.get_text_features(input_ids=ids))
+        return features_of(self.model.get_text_features(input_ids=ids))
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """images: Bx3xHxW in [0, 1], differentiable."""
@@ -83,7 +83,7 @@ class Aligner:
             x = nn.functional.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False)
         mean = torch.tensor(self.image_mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         std = torch.tensor(self.image_std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-        return _features(self.model.get_image_features(pixel_values=(x - mean) / std))
+        return features_of(self.model.get_image_features(pixel_values=(x - mean) / std))
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """CLIP score per image: 100 * cosine(image, its prompt)."""
@@ -92,7 +92,7 @@ class Aligner:
         return 100 * (image * text).sum(-1)
 
 
-def _features(out) -> torch.Tensor:
+def features_of(out) -> torch.Tensor:
     """transformers 4.x returns a tensor, 5.x a model output whose pooler_output holds the projection."""
     if isinstance(out, torch.Tensor):
         return out
