@@ -2,10 +2,18 @@
 so everything here is imported relatively; it must import cleanly without ComfyUI (tests do so).
 """
 
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from .trust_engine import __version__
 
-# The nodes (Concept Saliency, TRUST Unlearn, Apply Unlearned Delta) are registered here once they exist.
-NODE_CLASS_MAPPINGS: dict[str, type] = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
+WEB_DIRECTORY = "./web"
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "__version__"]
+try:  # inside ComfyUI: models/unlearned_deltas (also listed under loras) and models/concept_aligners
+    import folder_paths  # noqa: F401  (only to know whether ComfyUI is here)
+except ImportError:
+    pass
+else:
+    from .nodes.host import register_folders
+
+    register_folders()
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY", "__version__"]

@@ -72,10 +72,13 @@ def _unlearn_config(args: argparse.Namespace):
     from .saliency import SaliencyConfig
     from .unlearn import config_for
 
-    keys = ("steps", "lr", "beta", "alpha", "mask_every", "seed", "retain_target")
+    keys = ("steps", "lr", "beta", "alpha", "mask_every", "seed", "retain_target", "projections",
+            "negative_guidance")
     overrides = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     config = config_for(args.loss, **overrides, static_mask=args.static_mask)
     config.saliency = SaliencyConfig(xi=args.xi)
+    if getattr(args, "saliency_images", None):
+        config.saliency.images = args.saliency_images
     return config
 
 
@@ -122,7 +125,8 @@ def evaluate_delta(delta, concept: str, mode: str, seeds: int = 2, base_pipe=Non
     report = dict(after)
     for key in ("forget_rate", "synonym_forget_rate", "preserve_accuracy", "parts_accuracy"):
         report[f"{key}_before"] = before[key]
-    report.update(concept=concept, mode=mode, forget_prompts=len(sets.forget) * seeds, preserve_prompts=len(sets.preserve))
+    report.update(concept=concept, mode=mode, forget_images=len(sets.forget) * seeds,
+                  preserve_images=len(sets.preserve) * seeds)
     return report, patched
 
 
@@ -249,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--xi", type=float, default=2.0, help="z-score threshold of concept neurons (default 2.0)")
         p.add_argument("--mask-every", type=int, help="re-find the concept neurons every k steps (default 1)")
         p.add_argument("--static-mask", action="store_true", help="ablation: find the concept neurons once only")
+        p.add_argument("--negative-guidance", type=float, help="eta of the forget target (default 1.0; 0 = plain anchor)")
+        p.add_argument("--projections", help="projection types that may change, letters of q, k, v (default qkv)")
+        p.add_argument("--saliency-images", type=int, help="images per saliency estimate (default 2)")
         p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
         p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
 

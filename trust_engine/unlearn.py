@@ -53,6 +53,8 @@ class UnlearnConfig:
     early_stop: float | None = _f(0.15, "stop when the aligner score of fresh forget generations has fallen to within this fraction of the gap above the anchor's (None: never)")
     eval_every: int = _f(10, "steps between early-stop checks")
     include_out: bool = _f(False, "also treat attn2.to_out.0 rows as sites (the paper: Q/K/V only)")
+    projections: str = _f("qkv", "which projection types may change (letters of q, k, v, o): the concept neurons of "
+                                 "other types are found but left alone")
     seed: int = _f(0, "seed of data generation, saliency and timesteps")
     saliency: SaliencyConfig = dataclasses.field(default_factory=SaliencyConfig)
 
@@ -102,8 +104,10 @@ class UnlearnResult:
 
 @torch.no_grad()
 def generate_latents(parts: DiffusionParts, unet_call, prompts: list[str], n: int, steps: int, cfg: float,
-                     generator: torch.Generator, batch: int = 32) -> tuple[torch.Tensor, list[str]]:
-    """n clean latents generated with DDIM from prompts taken in turn, and the prompt of each."""
+                     generator: torch.Generator, batch: int = 32,
+                     on_batch: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, list[str]]:
+    """n clean latents generated with DDIM from prompts taken in turn, and the prompt of each.
+    `on_batch(done, n)` is called after each batch (progress, and a chance to interrupt)."""
     chosen = [prompts[i % len(prompts)] for i in range(n)]
     out = []
     for start in range(0, n, batch):
@@ -114,15 +118,18 @@ def generate_latents(parts: DiffusionParts, unet_call, prompts: list[str], n: in
         for t in sched.timesteps:
             latents = sched.step(guided_eps(parts, unet_call, latents, t, cond, uncond, cfg), t, latents).prev_sample
         out.append(latents)
+        if on_batch:
+            on_batch(start + len(chunk), n)
     return torch.cat(out), chosen
 
 
 def unlearn(parts: DiffusionParts, concepts: ExpandedConcept | MergedConcepts | list[ExpandedConcept],
             config: UnlearnConfig, aligner: Aligner | None = None,
             progress: Callable[[ProgressEvent], None] = null_progress, metadata: dict[str, str] | None = None,
-            default_cfg: float = 7.5) -> UnlearnResult:
+            default_cfg: float = 7.5, initial_mask: dict[str, torch.Tensor] | None = None) -> UnlearnResult:
     """Erase the concepts' forget prompts while keeping their preserve prompts; returns a Delta.
-    The host's UNet is only read: an exception or interruption (raised by `progress`) leaves it as it was."""
+    The host's UNet is only read: an exception or interruption (raised by `progress`) leaves it as it was.
+    `initial_mask` (site -> bool rows, e.g. from a saliency run) replaces the first step's estimate."""
     if isinstance(concepts, ExpandedConcept):
         concepts = [concepts]
     merged = concepts if isinstance(concepts, MergedConcepts) else merge(concepts)
@@ -138,10 +145,10 @@ def unlearn(parts: DiffusionParts, concepts: ExpandedConcept | MergedConcepts | 
         **(metadata or {}),
     }
     with torch.inference_mode(False), torch.enable_grad():
-        return _unlearn(parts, merged, config, aligner, progress, meta, cfg)
+        return _unlearn(parts, merged, config, aligner, progress, meta, cfg, initial_mask)
 
 
-def _unlearn(parts, merged: MergedConcepts, config, aligner, progress, metadata, cfg) -> UnlearnResult:
+def _unlearn(parts, merged: MergedConcepts, config, aligner, progress, metadata, cfg, initial_mask) -> UnlearnResult:
     start = time.time()
     forget, preserve = list(merged.forget), list(merged.preserve)
     if config.retain_unconditional and "" not in preserve:
@@ -152,13 +159,18 @@ def _unlearn(parts, merged: MergedConcepts, config, aligner, progress, metadata,
     deltas = SiteDeltas(parts.unet, sites)
     base_fp = fingerprint(deltas.base)
 
-    progress(ProgressEvent("prepare", 0, 2, {}, "generating the forget and retain sets"))
+    total = config.forget_images + (config.preserve_images if preserve else 0)
+
+    def generated(offset: int, what: str):
+        return lambda done, n: progress(ProgressEvent("prepare", offset + done, total, {}, f"generating the {what} set"))
+
+    progress(ProgressEvent("prepare", 0, total, {}, "generating the forget set"))
     forget_lat, forget_prompts = generate_latents(parts, deltas.base_call, forget, config.forget_images,
-                                                  config.gen_steps, cfg, gen)
-    progress(ProgressEvent("prepare", 1, 2, {}, "generating the forget and retain sets"))
+                                                  config.gen_steps, cfg, gen, config.batch, generated(0, "forget"))
     retain_lat, retain_prompts = (generate_latents(parts, deltas.base_call, preserve, config.preserve_images,
-                                                   config.gen_steps, cfg, gen) if preserve else (None, []))
-    progress(ProgressEvent("prepare", 2, 2, {}, "ready"))
+                                                   config.gen_steps, cfg, gen, config.batch,
+                                                   generated(config.forget_images, "retain"))
+                                  if preserve else (None, []))
     forget_cond = parts.encode_text(forget_prompts)
     anchor_cond = parts.encode_text([anchor_of[p] for p in forget_prompts])
     retain_cond = parts.encode_text(retain_prompts) if preserve else None
@@ -174,21 +186,30 @@ def _unlearn(parts, merged: MergedConcepts, config, aligner, progress, metadata,
     stopped = False
     alphas = parts.alphas_cumprod.to(parts.device)
     step = 0
+    if initial_mask is not None:
+        unknown = set(initial_mask) - {s.name for s in sites}
+        if unknown:
+            raise ValueError(f"the given concept neurons are for another UNet (unknown sites such as {sorted(unknown)[0]})")
+        mask = _allowed({s.name: initial_mask.get(s.name, torch.zeros(s.out_features, dtype=torch.bool))
+                         .to(parts.device) for s in sites}, {s.name: s.kind for s in sites}, config.projections)
     for step in range(1, config.steps + 1):
-        if mask is None or (not config.static_mask and (step - 1) % config.mask_every == 0):
+        refresh = not config.static_mask and config.mask_every > 0 and (step - 1) % config.mask_every == 0
+        if mask is None or (refresh and not (step == 1 and initial_mask is not None)):
             sal = estimate(parts, deltas, forget, config.saliency, aligner, first_anchor, gen, cfg)
-            mask = sal.mask
+            mask = _allowed(sal.mask, sal.kinds, config.projections)
         loss, parts_log = _loss(parts, deltas, mask, config, gen, alphas, forget_lat, forget_cond, anchor_cond,
                                 retain_lat, retain_cond)
         grads = torch.autograd.grad(loss, deltas.parameters(), allow_unused=True)
         grads = [torch.zeros_like(d) if g is None else g for g, d in zip(grads, deltas.parameters())]
         if not guard.check(loss, grads):
             guard.on_bad_step(optimizer, step)
-            history.append({"step": step, "loss": float("nan"), "neurons": sal.total(), "skipped": True})
+            history.append({"step": step, "loss": float("nan"), "neurons": _count(mask), "skipped": True})
             progress(ProgressEvent("unlearn", step, config.steps, {"loss": float("nan")}, "non-finite loss: step skipped"))
             continue
         _masked_step(optimizer, deltas, grads, mask)
-        record = {"step": step, "loss": float(loss.detach()), "neurons": sal.total(), "saliency": sal.objective, **parts_log}
+        record = {"step": step, "loss": float(loss.detach()), "neurons": _count(mask), **parts_log}
+        if sal is not None:
+            record["saliency"] = sal.objective
         if stopper and (step % config.eval_every == 0 or step == config.steps):
             record["forget_score"] = stopper.score()
             stopped = record["forget_score"] <= stopper.threshold
@@ -210,6 +231,16 @@ def _unlearn(parts, merged: MergedConcepts, config, aligner, progress, metadata,
     }
     return UnlearnResult(deltas.to_delta(meta, base_fp), history, step, stopped, time.time() - start, sal, notes,
                          stopper.initial if stopper else None)
+
+
+def _count(mask: dict[str, torch.Tensor]) -> int:
+    return int(sum(int(m.sum()) for m in mask.values()))
+
+
+def _allowed(mask: dict[str, torch.Tensor], kinds: dict[str, str], projections: str) -> dict[str, torch.Tensor]:
+    """The mask restricted to the projection types the config lets change ('o' stands for to_out)."""
+    letter = {"q": "q", "k": "k", "v": "v", "out": "o"}
+    return {n: m if letter.get(kinds[n], kinds[n]) in projections else torch.zeros_like(m) for n, m in mask.items()}
 
 
 def _noised(latents: torch.Tensor, b: int, alphas: torch.Tensor, gen: torch.Generator, device):

@@ -61,9 +61,9 @@ def eval_sets(concept: str, mode: str, max_forget: int = 48, max_preserve: int =
         forms = [forms[i] for i in sorted(rng.choice(len(forms), max_forget, replace=False))]
     parts = _parts(query, mode)
     candidates = [world.Scene((world.Obj(s, c),)) for s, c in itertools.product(world.SHAPE_NAMES, world.COLOUR_NAMES)]
-    for _ in range(64):
+    for _ in range(160):  # enough that ~80 remain after dropping the scenes that show the concept
         candidates.append(world.random_scene(rng, ("on", "next to")[int(rng.integers(2))]))
-    keep = [sc for sc in candidates if not world.matches(query, sc) and sc not in parts]
+    keep = [sc for sc in candidates if not world.contains(query, sc) and sc not in parts]
     preserve = [world.describe(sc, rng, "canonical") for sc in keep][: max_preserve - 4 * len(parts)]
     part_prompts = [world.describe(p, rng, "canonical") for p in parts for _ in range(4)]
     return EvalSets(query, [f for f, _ in forms], [s for _, s in forms], preserve + part_prompts,
@@ -86,7 +86,7 @@ def judge_rate(judge, images: torch.Tensor, prompts: list[str], query: world.Sce
     """Per image: does it show `query` (forget set), or what its own prompt asks for (preserve set)?"""
     seen = judge.read(images)
     if query is not None:
-        return [world.matches(query, s) for s in seen]
+        return [world.contains(query, s) for s in seen]
     return [world.matches(world.parse(p), s) for p, s in zip(prompts, seen)]
 
 
@@ -97,9 +97,11 @@ def evaluate(pipe, judge, sets: EvalSets, seeds: int = 2, steps: int = check.DEF
     syn = [s for s in sets.forget_is_synonym for _ in range(seeds)]
     f_images = check.generate(pipe, forget, seed=seed, steps=steps, cfg=cfg)
     shown = judge_rate(judge, f_images, forget, sets.concept)
-    p_images = check.generate(pipe, sets.preserve, seed=seed + 100_000, steps=steps, cfg=cfg)
-    ok = judge_rate(judge, p_images, sets.preserve)
-    parts = [o for o, is_part in zip(ok, sets.preserve_is_part) if is_part]
+    preserve = [p for p in sets.preserve for _ in range(seeds)]
+    is_part = [x for x in sets.preserve_is_part for _ in range(seeds)]
+    p_images = check.generate(pipe, preserve, seed=seed + 100_000, steps=steps, cfg=cfg)
+    ok = judge_rate(judge, p_images, preserve)
+    parts = [o for o, part in zip(ok, is_part) if part]
     syn_shown = [s for s, is_syn in zip(shown, syn) if is_syn]
     return {
         "forget_rate": float(np.mean(shown)),

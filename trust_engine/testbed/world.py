@@ -310,6 +310,14 @@ def _parse_object(text: str, prompt: str) -> Obj:
     return Obj(shape, colour)
 
 
+def contains(concept: Scene, scene: Scene) -> bool:
+    """Does a scene show the concept anywhere? A one-object concept ("a triangle", "a red circle") is shown by any
+    object of the scene that fits it; a two-object concept only by a scene that matches it whole."""
+    if len(concept.objects) == 1:
+        return any(matches(concept, Scene((obj,))) for obj in scene.objects)
+    return matches(concept, scene)
+
+
 def matches(asked: Scene, seen: Scene) -> bool:
     """Does a seen (concrete) scene show everything a prompt asked for? "next to" matches either order."""
     if asked.layout != seen.layout:

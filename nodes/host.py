@@ -1,0 +1,240 @@
+"""ComfyUI adapter: turns a loaded MODEL / CLIP / VAE into the engine's DiffusionParts on the host's device, and
+bridges progress, interruption and files. It trains on private copies; the host's shared modules are never written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+from collections.abc import Iterator
+
+import torch
+
+from ..trust_engine.parts import DiffusionParts
+from ..trust_engine.progress import ProgressEvent
+from ..trust_engine.unet_view import UnknownArchitectureError, find_sites
+
+# model_config classes of comfy.supported_models the engine knows (SD1.x, SD2.x, SDXL and SDXL distillations)
+SUPPORTED = {
+    "SD15": "SD1.x", "SD20": "SD2.x", "SD21UnclipL": None, "SD21UnclipH": None,
+    "SDXL": "SDXL", "SSD1B": "SDXL", "Segmind_Vega": "SDXL", "KOALA_700M": "SDXL", "KOALA_1B": "SDXL",
+}
+NATIVE_RESOLUTION = {"SD1.x": 512, "SD2.x": 768, "SDXL": 1024}
+DELTA_FOLDER = "unlearned_deltas"  # our own models/ folder, also listed under loras so stock loaders see the files
+EVENT = "trust.progress"  # custom websocket event the front-end extension listens to
+
+
+class HostModelError(ValueError):
+    """The MODEL/CLIP/VAE given to a node cannot be used (wrong family, missing input)."""
+
+
+def model_family(model) -> str:
+    """'SD1.x', 'SD2.x' or 'SDXL' for a ComfyUI MODEL; a clear error for anything else."""
+    if model is None:
+        raise HostModelError("no MODEL connected: connect the MODEL output of Load Checkpoint")
+    config = getattr(getattr(model, "model", None), "model_config", None)
+    name = type(config).__name__ if config is not None else type(model).__name__
+    family = SUPPORTED.get(name)
+    if family is None:
+        raise HostModelError(
+            f"this MODEL is {name}; TRuST unlearning supports Stable Diffusion 1.x, 2.x and SDXL checkpoints "
+            f"(cross-attention UNets). Load one of those with Load Checkpoint."
+        )
+    return family
+
+
+def prediction_type(model) -> str:
+    import comfy.model_sampling
+
+    sampling = model.get_model_object("model_sampling")
+    if isinstance(sampling, comfy.model_sampling.V_PREDICTION):
+        return "v_prediction"
+    if isinstance(sampling, comfy.model_sampling.EPS):
+        return "epsilon"
+    raise HostModelError(f"unsupported sampling type {type(sampling).__name__}: only eps and v-prediction models")
+
+
+def scheduler_config(model) -> dict:
+    """A diffusers scheduler config of the host model's own discrete schedule (betas from its sigmas)."""
+    sigmas = model.get_model_object("model_sampling").sigmas.detach().double().cpu()
+    alphas_cumprod = 1.0 / (1.0 + sigmas**2)
+    previous = torch.cat([torch.ones(1, dtype=alphas_cumprod.dtype), alphas_cumprod[:-1]])
+    betas = (1 - alphas_cumprod / previous).clamp(0, 0.999)
+    return {
+        "num_train_timesteps": len(sigmas), "trained_betas": betas.tolist(), "beta_schedule": "linear",
+        "prediction_type": prediction_type(model), "clip_sample": False, "set_alpha_to_one": False,
+        "steps_offset": 1, "timestep_spacing": "leading",
+    }
+
+
+def _private_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A private, frozen copy with ordinary (non-inference) tensors: ComfyUI loads weights under inference mode, and
+    autograd may not save inference tensors; training on a copy also means the shared module is never touched."""
+    with torch.inference_mode(False), torch.no_grad():
+        private = copy.deepcopy(module)
+        for name, p in list(private.named_parameters()):
+            if p.is_inference():
+                _set(private, name, torch.nn.Parameter(p.clone(), requires_grad=False))
+        for name, b in list(private.named_buffers()):
+            if b.is_inference():
+                _set(private, name, b.clone(), buffer=True)
+    return private.requires_grad_(False).eval()
+
+
+def _set(module: torch.nn.Module, path: str, value, buffer: bool = False) -> None:
+    owner_path, _, leaf = path.rpartition(".")
+    owner = module.get_submodule(owner_path) if owner_path else module
+    if buffer:
+        owner.register_buffer(leaf, value)
+    else:
+        setattr(owner, leaf, value)
+
+
+def _first_chunk(cond: torch.Tensor) -> torch.Tensor:
+    return cond[:, :77]
+
+
+@contextlib.contextmanager
+def comfy_parts(model, clip, vae, resolution: int = 0, need_decoder: bool = True) -> Iterator[DiffusionParts]:
+    """DiffusionParts of a ComfyUI MODEL/CLIP/VAE on the host's device. The UNet (with whatever patches the MODEL
+    carries, e.g. an upstream LoRA) and the VAE are loaded through comfy.model_management and copied privately;
+    the copies are dropped and memory is freed on exit."""
+    import comfy.model_management as mm
+
+    family = model_family(model)
+    if clip is None:
+        raise HostModelError("no CLIP connected: connect the CLIP output of Load Checkpoint")
+    if need_decoder and vae is None:
+        raise HostModelError("no VAE connected: connect the VAE output of Load Checkpoint")
+    size = resolution or NATIVE_RESOLUTION[family]
+    if size % 8:
+        raise HostModelError(f"resolution must be a multiple of 8, got {size}")
+    try:
+        mm.load_models_gpu([model], force_full_load=True)
+        unet = _private_copy(model.model.diffusion_model)
+        try:
+            find_sites(unet)
+        except UnknownArchitectureError as e:
+            raise HostModelError(str(e)) from None
+        decoder = None
+        if need_decoder:
+            mm.load_models_gpu([vae.patcher], force_full_load=True)
+            decoder = _private_copy(vae.first_stage_model)
+        base_model = model.model
+        latent_format = base_model.latent_format
+        device = next(unet.parameters()).device
+        dtype = getattr(base_model, "manual_cast_dtype", None) or next(unet.parameters()).dtype
+        sdxl = family == "SDXL"
+        cache: dict[str, torch.Tensor] = {}
+
+        def encode_one(prompt: str) -> torch.Tensor:
+            if prompt not in cache:
+                with torch.no_grad():
+                    cond, pooled = clip.encode_from_tokens(clip.tokenize(prompt), return_pooled=True)
+                    cond = _first_chunk(cond).clone().float()
+                    if sdxl:  # pack the ADM vector (pooled text + size embedding) as extra "tokens" of the cond
+                        y = base_model.encode_adm(pooled_output=pooled.clone(), width=size, height=size, crop_w=0,
+                                                  crop_h=0, target_width=size, target_height=size).float().cpu()
+                        cond = torch.cat([cond.cpu(), _pack(y, cond.shape[-1])], dim=1)
+                cache[prompt] = cond.to(device)
+            return cache[prompt]
+
+        def encode_text(prompts: list[str]) -> torch.Tensor:
+            return torch.cat([encode_one(p) for p in prompts]).to(dtype)
+
+        adm_width = base_model.adm_channels if sdxl else 0
+
+        def denoise(unet_call, latents, t, cond):
+            extra = {}
+            if sdxl:
+                rows = math.ceil(adm_width / cond.shape[-1])
+                extra["y"] = cond[:, -rows:].flatten(1)[:, :adm_width]
+                cond = cond[:, :-rows]
+            return unet_call(latents.to(dtype), t.float(), context=cond.to(dtype), transformer_options={}, **extra)
+
+        def decode(latents: torch.Tensor) -> torch.Tensor:
+            z = latent_format.process_out(latents.float()).to(vae.vae_dtype).to(vae.device)
+            return vae.process_output(decoder.decode(z).float()).to(device)
+
+        channels = latent_format.latent_channels
+        yield DiffusionParts(
+            unet=unet, denoise=denoise, encode_text=encode_text, decode=decode,
+            scheduler_config=scheduler_config(model), latent_shape=(channels, size // 8, size // 8),
+            prediction_type=prediction_type(model), device=device, dtype=dtype, name=f"ComfyUI {family}",
+        )
+    finally:
+        unet = decoder = None
+        mm.soft_empty_cache()
+
+
+def _pack(y: torch.Tensor, width: int) -> torch.Tensor:
+    rows = math.ceil(y.shape[1] / width)
+    padded = torch.zeros(y.shape[0], rows * width)
+    padded[:, : y.shape[1]] = y
+    return padded.view(y.shape[0], rows, width)
+
+
+def out_of_memory_message(what: str, resolution: int) -> str:
+    return (f"out of GPU memory while {what} at {resolution}x{resolution}: lower 'resolution' (training at 512 works "
+            f"for SDXL too), close other workflows, or start ComfyUI with --lowvram. Your MODEL is unchanged.")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    import comfy.model_management as mm
+
+    return isinstance(error, mm.OOM_EXCEPTION) or "out of memory" in str(error).lower()
+
+
+class HostProgress:
+    """The engine's progress callback for ComfyUI: one ProgressBar on the node (data generation, then the steps), a
+    custom websocket event for the front-end chart, and an interruption check (Cancel stops at the next event)."""
+
+    def __init__(self, unique_id: str | None, prepare: int, steps: int) -> None:
+        import comfy.utils
+
+        self.node, self.prepare, self.total = unique_id, prepare, prepare + steps
+        self.bar = comfy.utils.ProgressBar(self.total, node_id=unique_id)
+
+    def __call__(self, event: ProgressEvent) -> None:
+        import comfy.model_management as mm
+
+        mm.throw_exception_if_processing_interrupted()
+        done = min(event.step, self.prepare) if event.stage == "prepare" else self.prepare + event.step
+        self.bar.update_absolute(done, self.total)
+        send_event({"node": self.node, "stage": event.stage, "step": event.step, "total": event.total,
+                    "message": event.message, **{k: v for k, v in event.metrics.items() if math.isfinite(v)}})
+
+
+def send_event(payload: dict) -> None:
+    """Send the custom event if the server is running (it is not in tests or scripts)."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    server = getattr(PromptServer, "instance", None)
+    if server is not None:
+        server.send_sync(EVENT, payload)
+
+
+def register_folders() -> None:
+    """models/unlearned_deltas, listed under its own name and under loras (so LoraLoader lists the deltas)."""
+    import folder_paths
+
+    path = os.path.join(folder_paths.models_dir, DELTA_FOLDER)
+    entry = folder_paths.folder_names_and_paths.get(DELTA_FOLDER)
+    if entry is None:
+        folder_paths.folder_names_and_paths[DELTA_FOLDER] = ([path], {".safetensors"})
+    elif path not in entry[0]:
+        entry[0].append(path)
+    folder_paths.add_model_folder_path("loras", path)
+    aligners = os.path.join(folder_paths.models_dir, "concept_aligners")
+    if "concept_aligners" not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths["concept_aligners"] = ([aligners], set())
+
+
+def delta_dir() -> str:
+    import folder_paths
+
+    return folder_paths.get_folder_paths(DELTA_FOLDER)[0]

@@ -1,0 +1,229 @@
+"""Tier 1: the ComfyUI nodes against a fake of the ComfyUI calls they use (tests/comfy_fake.py), on the testbed.
+Checks the node contract, that the host MODEL is never written, files, reuse, warnings and errors."""
+
+import hashlib
+import importlib.util
+import shutil
+import sys
+
+import comfy_fake
+import pytest
+import torch
+from conftest import ROOT
+
+PACK = "trust_pack_under_test"
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory):
+    models = tmp_path_factory.mktemp("models")
+    comfy_fake.install(str(models), str(tmp_path_factory.mktemp("temp")))
+    spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACK] = module
+    spec.loader.exec_module(module)
+    yield module
+    for key in [k for k in sys.modules if k == PACK or k.startswith(PACK + ".")]:
+        del sys.modules[key]
+    comfy_fake.uninstall()
+
+
+@pytest.fixture(scope="module")
+def host(pack):
+    return comfy_fake.host_objects()
+
+
+@pytest.fixture(autouse=True)
+def small_data_sets(pack, monkeypatch):
+    """Fewer and shorter self-generated images than the defaults, to keep tier 1 quick on 2 CPU cores."""
+    original = pack.trust_engine.unlearn.config_for
+
+    def small(loss, **overrides):
+        return original(loss, **{"forget_images": 8, "preserve_images": 8, "gen_steps": 6, **overrides})
+
+    monkeypatch.setattr(pack.nodes.trust_nodes, "config_for", small)
+
+
+def node(pack, name):
+    return pack.NODE_CLASS_MAPPINGS[name]()
+
+
+def digest(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def fast(**overrides):
+    values = dict(mode="individual", loss="CIP", steps=3, learning_rate=5e-3, beta=0.0, xi=2.0, mask_refresh=1,
+                  seed=0, file_name="", resolution=32)
+    values.update(overrides)
+    return values
+
+
+def test_node_contract_names_tooltips_and_defaults(pack):
+    assert pack.NODE_DISPLAY_NAME_MAPPINGS["TrustConceptSaliency"] == "Concept Saliency"
+    assert pack.NODE_DISPLAY_NAME_MAPPINGS["TrustUnlearn"] == "TRUST Unlearn"
+    assert pack.NODE_DISPLAY_NAME_MAPPINGS["TrustApplyDelta"] == "Apply Unlearned Delta"
+    for name, cls in pack.NODE_CLASS_MAPPINGS.items():
+        assert cls.CATEGORY == "unlearning/TRuST", name
+        assert cls.DESCRIPTION and callable(getattr(cls, cls.FUNCTION))
+        assert len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS), name
+        spec = cls.INPUT_TYPES()
+        for group in ("required", "optional"):
+            for input_name, (kind, *options) in spec.get(group, {}).items():
+                opts = options[0] if options else {}
+                assert opts.get("tooltip"), f"{name}.{input_name} has no tooltip"
+                if kind in ("INT", "FLOAT", "STRING"):
+                    assert "default" in opts, f"{name}.{input_name} has no default"
+
+
+def test_unlearn_returns_a_patched_clone_and_never_writes_the_host_model(pack, host):
+    model, clip, vae = host
+    before = digest(model.model)
+    patched, delta, curves, report = node(pack, "TrustUnlearn").unlearn(
+        model, clip, vae, "triangle", **fast(file_name="tri"))["result"]
+    assert digest(model.model) == before
+    assert model.patches == {}, "the input MODEL must not gain patches"
+    assert patched is not model and patched.model is model.model
+    changed = [k for k in patched.patches]
+    assert changed and all(".attn2.to_" in k for k in changed)
+    assert curves.shape[0] == 1 and curves.shape[-1] == 3 and 0 <= float(curves.min()) <= float(curves.max()) <= 1
+    assert "Saved tri.safetensors" in report and "noise contrast" in report
+    # the saved file through the (fake) stock LoRA path gives the node's patched weights exactly
+    saved = pack.trust_engine.delta.Delta.load(delta.path)
+    again, _ = comfy_fake.load_lora_for_models(model, None, saved.to_lora(), 1.0, 0)
+    a, b = again.patched_state_dict(), patched.patched_state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(b[k], model.model.state_dict()[k]) for k in changed)
+
+
+def test_same_inputs_reuse_the_saved_delta_and_say_so(pack, host):
+    model, clip, vae = host
+    first = node(pack, "TrustUnlearn").unlearn(model, clip, vae, "a star", **fast(file_name="star"))["result"]
+    second = node(pack, "TrustUnlearn").unlearn(model, clip, vae, "a star", **fast(file_name="star"))["result"]
+    assert "Reused star.safetensors" in second[3]
+    assert second[1].path == first[1].path
+    third = node(pack, "TrustUnlearn").unlearn(model, clip, vae, "a star", **fast(file_name="star", seed=1))["result"]
+    assert third[1].path.endswith("star_2.safetensors"), "a different run must not overwrite the user's file"
+
+
+def test_interruption_and_failure_leave_the_model_bit_identical_and_save_nothing(pack, host, tmp_path):
+    model, clip, vae = host
+    before = digest(model.model)
+    files = set(pack.nodes.host.delta_dir() and _listing(pack))
+    comfy_fake.interrupt_after(5)
+    try:
+        with pytest.raises(comfy_fake.InterruptProcessingException):
+            node(pack, "TrustUnlearn").unlearn(model, clip, vae, "a circle", **fast(file_name="cut"))
+    finally:
+        comfy_fake.interrupt_after(None)
+    assert digest(model.model) == before and model.patches == {}
+    assert set(_listing(pack)) == files
+    with pytest.raises(ValueError, match="another base|unknown sites|another model"):
+        bad = pack.nodes.trust_nodes.ConceptNeurons("x", None, "0" * 64)
+        node(pack, "TrustUnlearn").unlearn(model, clip, vae, "a circle", **fast(), concept_neurons=bad)
+    assert digest(model.model) == before
+
+
+def _listing(pack):
+    import os
+
+    folder = pack.nodes.host.delta_dir()
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+def test_out_of_memory_becomes_an_instruction(pack, host, monkeypatch):
+    model, clip, vae = host
+
+    def boom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(pack.nodes.trust_nodes, "unlearn", boom)
+    with pytest.raises(RuntimeError, match="out of GPU memory.*lower 'resolution'.*unchanged"):
+        node(pack, "TrustUnlearn").unlearn(model, clip, vae, "a circle", **fast(file_name="oom"))
+
+
+def test_bad_inputs_give_specific_errors(pack, host):
+    model, clip, vae = host
+    assert "empty" in pack.NODE_CLASS_MAPPINGS["TrustUnlearn"].VALIDATE_INPUTS(concepts="  \n ")
+    with pytest.raises(ValueError, match="type the concept"):
+        node(pack, "TrustUnlearn").unlearn(model, clip, vae, "   ", **fast())
+    other = comfy_fake.ModelPatcher(comfy_fake.BaseModel(model.model.diffusion_model, _Sched(), 1.0,
+                                                         type("Flux", (), {})()))
+    with pytest.raises(ValueError, match="Flux.*1.x, 2.x and SDXL"):
+        node(pack, "TrustUnlearn").unlearn(other, clip, vae, "a circle", **fast())
+    with pytest.raises(ValueError, match="no CLIP"):
+        node(pack, "TrustConceptSaliency").find(model, None, vae, "a circle", 2.0, 0, 4, 1, resolution=32)
+
+
+class _Sched:
+    alphas_cumprod = torch.linspace(0.99, 0.01, 1000)
+
+
+def test_saliency_node_gives_neurons_a_heatmap_and_a_summary(pack, host):
+    model, clip, vae = host
+    out = node(pack, "TrustConceptSaliency").find(model, clip, vae, "a triangle", 2.0, 0, 4, 1, resolution=32)
+    neurons, heatmap, summary = out["result"]
+    assert neurons.result.total() > 0
+    assert heatmap.ndim == 4 and heatmap.shape[-1] == 3 and heatmap.shape[1] > 100
+    assert "concept neurons" in summary and "noise contrast" in summary
+    assert out["ui"]["images"][0]["type"] == "temp"
+    # the neurons seed TRUST Unlearn's first step
+    result = node(pack, "TrustUnlearn").unlearn(model, clip, vae, "a triangle", **fast(steps=1, mask_refresh=0,
+                                                file_name="seeded"), concept_neurons=neurons)["result"]
+    changed = sum(d.rank for d in result[1].delta.sites.values())
+    assert 0 < changed <= neurons.result.total()
+
+
+def test_saliency_with_an_aligner_folder_uses_the_clip_score(pack, host):
+    import folder_paths
+
+    from trust_engine.testbed import paths
+
+    model, clip, vae = host
+    target = folder_paths.get_folder_paths("concept_aligners")[0]
+    shutil.copytree(paths.ALIGNER, f"{target}/world-clip", dirs_exist_ok=True)
+    assert "world-clip" in pack.NODE_CLASS_MAPPINGS["TrustLoadAligner"].INPUT_TYPES()["required"]["aligner_name"][0]
+    (aligner,) = node(pack, "TrustLoadAligner").load("world-clip")
+    _, _, summary = node(pack, "TrustConceptSaliency").find(model, clip, vae, "a triangle", 2.0, 0, 4, 1,
+                                                            aligner=aligner, resolution=32)["result"]
+    assert "CLIP score" in summary
+
+
+def test_apply_delta_from_a_file_with_strength_and_a_warning_for_another_base(pack, host):
+    model, clip, vae = host
+    _, delta, _, _ = node(pack, "TrustUnlearn").unlearn(model, clip, vae, "a square", **fast(file_name="sq"))["result"]
+    files = pack.NODE_CLASS_MAPPINGS["TrustApplyDelta"].INPUT_TYPES()["required"]["delta_file"][0]
+    assert "sq.safetensors" in files
+    half, info = node(pack, "TrustApplyDelta").apply(model, "sq.safetensors", 0.5)["result"]
+    full, _ = node(pack, "TrustApplyDelta").apply(model, "(none: use the delta input)", 1.0, delta=delta)["result"]
+    key = next(iter(full.patches))
+    base = model.model.state_dict()[key].float()
+    torch.testing.assert_close(half.patched_state_dict()[key] - base, 0.5 * (full.patched_state_dict()[key] - base))
+    assert "WARNING" not in info
+    Delta = pack.trust_engine.delta.Delta
+    foreign = Delta(delta.delta.sites, delta.delta.metadata, "f" * 64)
+    _, info = node(pack, "TrustApplyDelta").apply(model, "(none: use the delta input)", 1.0,
+                                                  delta=pack.nodes.trust_nodes.UnlearnedDelta(foreign))["result"]
+    assert "another base model" in info
+    assert any("warning" in data for event, data in comfy_fake.events())
+    with pytest.raises(ValueError, match="no delta"):
+        node(pack, "TrustApplyDelta").apply(model, "(none: use the delta input)", 1.0)
+
+
+def test_progress_reaches_the_bar_and_the_front_end_event(pack, host):
+    model, clip, vae = host
+    comfy_fake.ProgressBar.updates.clear()
+    node(pack, "TrustUnlearn").unlearn(model, clip, vae, "a green shape", **fast(file_name="green"))
+    assert comfy_fake.ProgressBar.updates[-1][0] == comfy_fake.ProgressBar.updates[-1][1]
+    steps = [d for e, d in comfy_fake.events() if e == "trust.progress" and d.get("stage") == "unlearn"]
+    assert steps and "loss" in steps[-1] and steps[-1]["step"] == 3
+
+
+def test_before_after_grid(pack):
+    before, after = torch.rand(3, 32, 32, 3), torch.rand(3, 32, 32, 3)
+    (grid,) = node(pack, "TrustBeforeAfterGrid").grid(before, after, "before", "after", 64)
+    assert grid.shape[0] == 1 and grid.shape[1] == 2 * 68 and grid.shape[-1] == 3
