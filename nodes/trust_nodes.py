@@ -222,7 +222,8 @@ class TrustConceptSaliency:
         mode = "CLIP score" if neurons.result.mode == "clip" else "noise contrast (no aligner connected)"
         summary = f"{concept!r}: {neurons.result.summary()}\nsaliency: {mode}; xi {xi}"
         heat = saliency_heatmap(neurons.result, f"concept neurons of {concept!r}")
-        return {"ui": {"images": _preview(heat, "trust_saliency")}, "result": (neurons, _image(heat), summary)}
+        return {"ui": {"images": _preview(heat, "trust_saliency"), "text": [summary]},
+                "result": (neurons, _image(heat), summary)}
 
 
 def _detach(result: SaliencyResult) -> SaliencyResult:
@@ -453,14 +454,15 @@ class TrustApplyDelta:
                                        "1 = as trained; lower = partly erased; 0 = no change"}),
             },
             "optional": {"delta": ("UNLEARNED_DELTA", {"tooltip": "the delta output of TRUST Unlearn"})},
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     @classmethod
-    def IS_CHANGED(cls, model=None, delta_file=NO_FILE, strength=1.0, delta=None):
+    def IS_CHANGED(cls, model=None, delta_file=NO_FILE, strength=1.0, delta=None, unique_id=None):
         path = _delta_path(delta_file)
         return f"{path}:{os.path.getmtime(path)}" if path and os.path.exists(path) else delta_file
 
-    def apply(self, model, delta_file, strength, delta=None):
+    def apply(self, model, delta_file, strength, delta=None, unique_id=None):
         if delta is not None:
             loaded, source = delta.delta, os.path.basename(delta.path) or "the delta input"
         elif delta_file != NO_FILE:
@@ -483,7 +485,7 @@ class TrustApplyDelta:
                        f"{loaded.base_fingerprint[:12]}). It is applied anyway, but it may not erase the concept "
                        "and may damage other content; retrain on this model for a reliable result.")
             log.warning("TRuST: %s: %s", source, warning)
-            host.send_event({"warning": warning, "source": source})
+            host.send_event({"node": unique_id, "warning": warning, "source": source})
             lines.append(warning)
         info = "\n".join(lines)
         return {"ui": {"text": [info]}, "result": (_patched(model, loaded, strength), info)}

@@ -73,7 +73,7 @@ def _unlearn_config(args: argparse.Namespace):
     from .unlearn import config_for
 
     keys = ("steps", "lr", "beta", "alpha", "mask_every", "seed", "retain_target", "projections",
-            "negative_guidance")
+            "negative_guidance", "saliency_momentum")
     overrides = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     config = config_for(args.loss, **overrides, static_mask=args.static_mask)
     config.saliency = SaliencyConfig(xi=args.xi)
@@ -254,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--mask-every", type=int, help="re-find the concept neurons every k steps (default 1)")
         p.add_argument("--static-mask", action="store_true", help="ablation: find the concept neurons once only")
         p.add_argument("--negative-guidance", type=float, help="eta of the forget target (default 1.0; 0 = plain anchor)")
+        p.add_argument("--saliency-momentum", type=float, help="EMA momentum of row saliencies across steps (default 0)")
         p.add_argument("--projections", help="projection types that may change, letters of q, k, v (default qkv)")
         p.add_argument("--saliency-images", type=int, help="images per saliency estimate (default 2)")
         p.add_argument("--seed", type=int, default=0, help="seed (default 0)")

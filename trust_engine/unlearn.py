@@ -20,7 +20,7 @@ from .delta import Delta, fingerprint
 from .functional import SiteDeltas
 from .parts import Aligner, DiffusionParts
 from .progress import NanGuard, ProgressEvent, null_progress
-from .saliency import SaliencyConfig, SaliencyResult, estimate, guided_eps
+from .saliency import SaliencyConfig, SaliencyResult, estimate, guided_eps, zscore_mask
 from .unet_view import find_sites
 
 
@@ -44,6 +44,9 @@ class UnlearnConfig:
     negative_guidance: float = _f(1.0, "forget target = eps_anchor - eta * (eps_concept - eps_anchor) of the base model "
                                        "(ESD's negative guidance); 0 = pull plainly to the anchor (SalUn)")
     mask_every: int = _f(1, "re-estimate the concept neurons every k steps (paper: every step)")
+    saliency_momentum: float = _f(0.0, "a choice: the mask is taken from an exponential moving average of the row "
+                                       "saliencies with this momentum (0 = each estimate alone, as in the paper); "
+                                       "steadier masks touch fewer rows over a run")
     static_mask: bool = _f(False, "ablation: estimate the mask once and keep it")
     batch: int = _f(8, "forget and retain latents per step (each)")
     forget_images: int = _f(32, "self-generated images of the forget prompts (the forget set)")
@@ -183,6 +186,7 @@ def _unlearn(parts, merged: MergedConcepts, config, aligner, progress, metadata,
     history: list[dict] = []
     mask: dict[str, torch.Tensor] | None = None
     sal: SaliencyResult | None = None
+    smooth: dict[str, torch.Tensor] | None = None
     stopped = False
     alphas = parts.alphas_cumprod.to(parts.device)
     step = 0
@@ -196,6 +200,11 @@ def _unlearn(parts, merged: MergedConcepts, config, aligner, progress, metadata,
         refresh = not config.static_mask and config.mask_every > 0 and (step - 1) % config.mask_every == 0
         if mask is None or (refresh and not (step == 1 and initial_mask is not None)):
             sal = estimate(parts, deltas, forget, config.saliency, aligner, first_anchor, gen, cfg)
+            if config.saliency_momentum > 0:
+                m = config.saliency_momentum
+                smooth = {n: v if smooth is None else m * smooth[n] + (1 - m) * v for n, v in sal.scores.items()}
+                z, smoothed_mask = zscore_mask(smooth, sal.kinds, config.saliency.xi)
+                sal = dataclasses.replace(sal, z=z, mask=smoothed_mask)
             mask = _allowed(sal.mask, sal.kinds, config.projections)
         loss, parts_log = _loss(parts, deltas, mask, config, gen, alphas, forget_lat, forget_cond, anchor_cond,
                                 retain_lat, retain_cond)
