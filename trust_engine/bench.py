@@ -52,7 +52,8 @@ def _models(arch: str, device, dtype):
     from transformers import CLIPConfig, CLIPModel
 
     spec = ARCHS[arch]
-    unet = UNet2DConditionModel(**spec["unet"]).to(device, dtype)
+    with torch.device(device):  # built where it runs: on "meta" nothing is allocated (FLOPs only)
+        unet = UNet2DConditionModel(**spec["unet"]).to(dtype)
     if spec.get("tiny"):
         vae = AutoencoderKL(block_out_channels=(16, 16), down_block_types=("DownEncoderBlock2D",) * 2,
                             up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, latent_channels=4)
@@ -68,6 +69,8 @@ def _models(arch: str, device, dtype):
             vision_config=dict(image_size=224, patch_size=14, hidden_size=1024, intermediate_size=4096,
                                num_hidden_layers=24, num_attention_heads=16), projection_dim=768))
         image_size = 224
+    if device.type == "meta":
+        vae, clip = vae.to_empty(device=device), clip.to_empty(device=device)
     return unet, vae.to(device, dtype).requires_grad_(False), clip.to(device, dtype).requires_grad_(False), image_size
 
 
@@ -174,6 +177,10 @@ def measure_one(arch: str, method: str, steps: int, device: str, dtype: torch.dt
     step, trainable = make_step(arch, method, torch.device(device), dtype)
     with FlopCounterMode(display=False) as counter:
         step()  # also the warm-up
+    if device == "meta":  # shapes only: FLOPs and parameter counts, no time or memory
+        return {"arch": arch, "method": method, "flops": counter.get_total_flops(), "peak_bytes": float("nan"),
+                "trainable": trainable, "cpu_s": float("nan"), "wall_s": float("nan"), "device": device,
+                "dtype": str(dtype), "steps": 0}
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -199,14 +206,27 @@ def run(archs: list[str], steps: int, device: str, dtype: str, progress=print) -
             progress(f"bench-scale: {arch} {method} ...")
             cmd = [sys.executable, "-m", "trust_engine.bench", arch, method, str(steps), device, dtype]
             out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            note = ""
+            if out.returncode != 0 and _out_of_memory(out):
+                note = f"does not fit in this machine's memory on {device}: FLOPs counted on the meta device"
+                progress(f"bench-scale: {arch} {method}: {note}")
+                out = subprocess.run(cmd[:-2] + ["meta", dtype], capture_output=True, text=True,
+                                     env={**os.environ, "PYTHONWARNINGS": "ignore"})
             if out.returncode != 0:
                 raise RuntimeError(f"bench-scale {arch} {method} failed:\n{out.stderr[-2000:]}")
             row = json.loads(out.stdout.strip().splitlines()[-1])
+            row["note"] = note
             base = base or row
             for key in ("flops", "peak_bytes", "trainable", "cpu_s", "wall_s"):
                 row[f"{key}_vs_full_ft"] = row[key] / base[key] if base[key] else float("nan")
             rows.append(row)
     return rows
+
+
+def _out_of_memory(out: subprocess.CompletedProcess) -> bool:
+    """Killed by the kernel's OOM killer (SIGKILL) or an allocator error."""
+    text = out.stderr.lower()
+    return out.returncode in (-9, 137) or "out of memory" in text or "can't allocate memory" in text
 
 
 if __name__ == "__main__":
