@@ -73,7 +73,7 @@ def _unlearn_config(args: argparse.Namespace):
     from .unlearn import config_for
 
     keys = ("steps", "lr", "beta", "alpha", "mask_every", "seed", "retain_target", "projections",
-            "negative_guidance", "saliency_momentum")
+            "negative_guidance", "saliency_momentum", "cip_update")
     overrides = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     config = config_for(args.loss, **overrides, static_mask=args.static_mask)
     config.saliency = SaliencyConfig(xi=args.xi)
@@ -169,6 +169,45 @@ DEMO_TASKS = (
 )
 
 
+def _erase_and_judge(args: argparse.Namespace, task, model, out: Path, seeds: int, before: dict | None = None,
+                     tag: str = "") -> tuple[dict, object]:
+    """Erase one demo task with the options in args, save its delta, judge it; (figures row, patched pipeline)."""
+    pipe, parts, aligner, cfg = model
+    concept, mode, preserve, _ = task
+    path = out / f"erase_{concept.replace(' ', '_')}{tag}.safetensors"
+    ns = argparse.Namespace(**{**vars(args), "concept": concept, "mode": mode, "preserve": list(preserve),
+                               "out": str(path)})
+    from .unet_view import find_sites
+
+    _, result = run_unlearn(ns, pipe, parts, aligner, cfg, quiet=True)
+    report, patched = evaluate_delta(result.delta, concept, mode, seeds=seeds, base_pipe=pipe, before=before)
+    sites = find_sites(parts.unet)
+    weights = sum(s.out_features * s.in_features for s in sites)
+    changed = sum(d.rank * d.in_features for d in result.delta.sites.values())
+    report.update(loss=args.loss, static_mask=bool(args.static_mask), seconds=result.seconds,
+                  steps=result.steps_run, rows_changed=sum(d.rank for d in result.delta.sites.values()),
+                  rows_total=sum(s.out_features for s in sites), weights_changed_share=changed / weights,
+                  file_bytes=path.stat().st_size)
+    return report, patched
+
+
+def _table(rows: list[dict]) -> str:
+    """Markdown table of figures rows."""
+    lines = ["| concept | mode | loss | mask | forget before → after | synonym forget | preserve before → after | "
+             "parts before → after | rows changed | weights changed | delta file | train time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        parts = (f"{r['parts_accuracy_before']:.2f} → {r['parts_accuracy']:.2f}"
+                 if r["parts_accuracy"] == r["parts_accuracy"] else "—")
+        lines.append(
+            f"| {r['concept']} | {r['mode']} | {r['loss'].upper()} | {'static' if r['static_mask'] else 'every step'} "
+            f"| {r['forget_rate_before']:.2f} → {r['forget_rate']:.2f} | {r['synonym_forget_rate']:.2f} "
+            f"| {r['preserve_accuracy_before']:.2f} → {r['preserve_accuracy']:.2f} | {parts} "
+            f"| {r['rows_changed']:,} / {r['rows_total']:,} | {100 * r['weights_changed_share']:.1f} % "
+            f"| {r['file_bytes'] / 1024:.0f} KiB | {r['seconds']:.0f} s |")
+    return "\n".join(lines)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Erase one individual, one combination and one conditional concept; before/after table and PNG grid."""
     import torch
@@ -177,32 +216,62 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pipe, parts, aligner, cfg = _load_model(args)
+    model = _load_model(args)
+    pipe = model[0]
     rows, grid_prompts, grid_images = [], [], []
-    for concept, mode, preserve, shown in DEMO_TASKS:
-        ns = argparse.Namespace(**{**vars(args), "concept": concept, "mode": mode, "preserve": list(preserve),
-                                   "out": str(out / f"erase_{concept.replace(' ', '_')}.safetensors")})
+    for task in DEMO_TASKS:
+        concept, mode, _, shown = task
         print(f"\n== erasing {concept!r} ({mode}, {args.loss.upper()}) ==")
-        _, result = run_unlearn(ns, pipe, parts, aligner, cfg, quiet=True)
-        report, patched = evaluate_delta(result.delta, concept, mode, seeds=1, base_pipe=pipe)
-        report.update(seconds=result.seconds, steps=result.steps_run,
-                      rows_changed=sum(d.rank for d in result.delta.sites.values()))
+        report, patched = _erase_and_judge(args, task, model, out, seeds=1)
         rows.append(report)
         for prompt in shown:
             before = check.generate(pipe, [prompt] * 4, seed=5)
             after = check.generate(patched, [prompt] * 4, seed=5)
             grid_prompts += [f"before: {prompt}"] * 4 + [f"after: {prompt}"] * 4
             grid_images += [before, after]
-    header = f"{'concept':<22}{'mode':<13}{'forget before':>14}{'after':>7}{'synonyms':>10}{'preserve before':>16}{'after':>7}{'parts':>7}{'rows':>6}{'time':>7}"
-    print("\n" + header)
-    for r in rows:
-        print(f"{r['concept']:<22}{r['mode']:<13}{r['forget_rate_before']:>14.2f}{r['forget_rate']:>7.2f}"
-              f"{r['synonym_forget_rate']:>10.2f}{r['preserve_accuracy_before']:>16.2f}{r['preserve_accuracy']:>7.2f}"
-              f"{r['parts_accuracy']:>7.2f}{r['rows_changed']:>6}{r['seconds']:>6.0f}s")
+    print("\n" + _table(rows))
     grid = check.save_grid(out / "demo_before_after.png", grid_prompts, torch.cat(grid_images), columns=8)
     (out / "demo_results.json").write_text(json.dumps(rows, indent=2))
     print(f"\nbefore/after grid: {grid}\ndeltas and figures: {out}/")
     return 0
+
+
+def cmd_figures(args: argparse.Namespace) -> int:
+    """The engine's benchmark on the testbed: every demo task with each loss, and the static-mask ablation."""
+    import platform
+
+    from .testbed import bundle
+    from .testbed.evaluate import eval_sets, evaluate
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = _load_model(args)
+    judge = bundle.load_judge()
+    rows = []
+    for task in DEMO_TASKS:
+        concept, mode = task[0], task[1]
+        before = evaluate(model[0], judge, eval_sets(concept, mode), seeds=args.seeds)
+        runs = [(loss, False) for loss in args.losses] + ([(args.losses[0], True)] if args.ablation else [])
+        for loss, static in runs:
+            print(f"== {concept!r} ({mode}), {loss.upper()}, {'static mask' if static else 'mask every step'} ==",
+                  file=sys.stderr)
+            ns = argparse.Namespace(**{**vars(args), "loss": loss, "static_mask": static})
+            tag = f"_{loss}" + ("_static" if static else "")
+            report, _ = _erase_and_judge(ns, task, model, out, args.seeds, before, tag)
+            rows.append(report)
+            (out / "figures.json").write_text(json.dumps(rows, indent=2))
+    table = _table(rows)
+    header = (f"`python -m trust_engine figures --seeds {args.seeds}` on {platform.machine()} with "
+              f"{torch_threads()} torch threads; judged by the testbed judge\n\n")
+    (out / "figures.md").write_text(header + table + "\n")
+    print(table)
+    return 0
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def cmd_bench_scale(args: argparse.Namespace) -> int:
@@ -249,13 +318,14 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--lr", type=float, help="learning rate of the delta rows")
         p.add_argument("--beta", type=float, help="weight of the CIP/CSR term (default 0.1 CIP, 0.02 CSR)")
         p.add_argument("--alpha", type=float, help="weight of the retain loss (default 0.5)")
-        p.add_argument("--retain-target", choices=("noise", "base"), help="retain loss target (default noise, as SalUn)")
+        p.add_argument("--retain-target", choices=("noise", "base"), help="retain loss target (default base: the base model's prediction; noise = SalUn)")
         p.add_argument("--xi", type=float, default=2.0, help="z-score threshold of concept neurons (default 2.0)")
         p.add_argument("--mask-every", type=int, help="re-find the concept neurons every k steps (default 1)")
         p.add_argument("--static-mask", action="store_true", help="ablation: find the concept neurons once only")
         p.add_argument("--negative-guidance", type=float, help="eta of the forget target (default 1.0; 0 = plain anchor)")
+        p.add_argument("--cip-update", choices=("gradient", "proximal"), help="how the CIP term acts (default gradient)")
         p.add_argument("--saliency-momentum", type=float, help="EMA momentum of row saliencies across steps (default 0)")
-        p.add_argument("--projections", help="projection types that may change, letters of q, k, v (default qkv)")
+        p.add_argument("--projections", help="projection types that may change, letters of q, k, v (default kv; the paper: qkv)")
         p.add_argument("--saliency-images", type=int, help="images per saliency estimate (default 2)")
         p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
         p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
@@ -283,9 +353,18 @@ def main(argv: list[str] | None = None) -> int:
     training_options(p)
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("figures", help="the engine's testbed benchmark: each demo task with CIP and CSR, plus the "
+                                      "static-mask ablation; markdown table in --out/figures.md")
+    p.add_argument("--out", default="out/figures", help="folder for deltas and figures (default ./out/figures)")
+    p.add_argument("--losses", nargs="+", choices=("cip", "csr"), default=["cip", "csr"], help="(default cip csr)")
+    p.add_argument("--no-ablation", dest="ablation", action="store_false", help="skip the static-mask runs")
+    p.add_argument("--seeds", type=int, default=2, help="images per judged prompt (default 2)")
+    training_options(p)
+    p.set_defaults(func=cmd_figures)
+
     p = sub.add_parser("bench-scale", help="FLOPs/memory/time of one TRuST step vs full fine-tuning and ESD on SD-sized UNets")
     p.add_argument("--arch", nargs="+", choices=("sd15", "sdxl", "tiny"), default=["sd15", "sdxl"], help="UNet shapes (default sd15 sdxl)")
-    p.add_argument("--steps", type=int, default=1, help="timed steps per method after the counted one (default 1)")
+    p.add_argument("--steps", type=int, default=1, help="timed steps per method after the counted one (default 1; 0 = time the counted step)")
     p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
     p.add_argument("--dtype", help="float32 / float16 / bfloat16 (default: float16 on CUDA, else float32)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")

@@ -164,9 +164,10 @@ def make_step(arch: str, method: str, device, dtype, saliency_steps: int = 5, es
             if csr:
                 v = torch.randn_like(pred)
                 gs = torch.autograd.grad((pred * v).sum(), [d for d, _ in masked], create_graph=True, allow_unused=True)
-                loss = loss + 0.02 * sum(g[m].pow(2).sum() for g, (_, m) in zip(gs, masked) if g is not None)
+                # masks multiply rather than index, so the step also runs on the meta device (FLOPs only)
+                loss = loss + 0.02 * sum((g * m[:, None]).pow(2).sum() for g, (_, m) in zip(gs, masked) if g is not None)
             else:
-                loss = loss + 0.1 * sum((deltas.base[s.name][mask[s.name]].float() + deltas.delta[s.name][mask[s.name]]).abs().sum()
+                loss = loss + 0.1 * sum(((deltas.base[s.name].float() + deltas.delta[s.name]) * mask[s.name][:, None]).abs().sum()
                                         for s in sites)
         return torch.autograd.grad(loss, deltas.parameters(), allow_unused=True)
 
@@ -174,27 +175,32 @@ def make_step(arch: str, method: str, device, dtype, saliency_steps: int = 5, es
 
 
 def measure_one(arch: str, method: str, steps: int, device: str, dtype: torch.dtype) -> dict:
+    """FLOPs of one step, then time and peak memory over `steps` more (0: time the counted step itself, which
+    includes the FLOP counter's overhead; for machines where a step takes minutes)."""
     step, trainable = make_step(arch, method, torch.device(device), dtype)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     with FlopCounterMode(display=False) as counter:
         step()  # also the warm-up
     if device == "meta":  # shapes only: FLOPs and parameter counts, no time or memory
         return {"arch": arch, "method": method, "flops": counter.get_total_flops(), "peak_bytes": float("nan"),
                 "trainable": trainable, "cpu_s": float("nan"), "wall_s": float("nan"), "device": device,
                 "dtype": str(dtype), "steps": 0}
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    for _ in range(steps):
-        step()
+    if steps > 0:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        for _ in range(steps):
+            step()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB; whole process, incl. weights
+    timed = max(steps, 1)
     return {"arch": arch, "method": method, "flops": counter.get_total_flops(), "peak_bytes": peak,
-            "trainable": trainable, "cpu_s": (time.process_time() - cpu0) / steps,
-            "wall_s": (time.perf_counter() - wall0) / steps, "device": device, "dtype": str(dtype), "steps": steps}
+            "trainable": trainable, "cpu_s": (time.process_time() - cpu0) / timed,
+            "wall_s": (time.perf_counter() - wall0) / timed, "device": device, "dtype": str(dtype), "steps": steps}
 
 
 def run(archs: list[str], steps: int, device: str, dtype: str, progress=print) -> list[dict]:
