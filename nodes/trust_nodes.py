@@ -155,7 +155,11 @@ _MODEL_INPUTS = {
 _RESOLUTION = ("INT", {"default": 0, "min": 0, "max": 2048, "step": 64, "tooltip":
                        "image size the concept neurons are measured and trained at; 0 = the model's native size "
                        "(SD1.x 512, SD2.x 768, SDXL 1024). Lower it when memory is short"})
-_SEED = ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "seed of the generated images and of training"})
+# Not named "seed": the front-end gives every input of that name a randomize-after-queue control, and a changed seed
+# means training again instead of reusing the saved delta.
+_SEED = ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip":
+                 "seed of the generated images and of training; it stays as set between queues, so the same inputs "
+                 "reuse the saved delta"})
 _XI = ("FLOAT", {"default": 2.0, "min": 0.5, "max": 6.0, "step": 0.1, "tooltip":
                  "z-score threshold: an output row is a concept neuron when its saliency is more than xi standard "
                  "deviations above the mean of its projection type (paper: 2.0). Higher = fewer neurons"})
@@ -183,7 +187,7 @@ class TrustConceptSaliency:
                 "concept": ("STRING", {"default": "", "multiline": False, "tooltip":
                                        "what to look for, in plain words (e.g. 'nudity', 'a cat', 'red circle')"}),
                 "xi": _XI,
-                "seed": _SEED,
+                "saliency_seed": _SEED,
                 "steps": ("INT", {"default": 10, "min": 2, "max": 50, "tooltip":
                                   "sampling steps of the images the saliency is measured on"}),
                 "images": ("INT", {"default": 4, "min": 1, "max": 32, "tooltip":
@@ -205,8 +209,8 @@ class TrustConceptSaliency:
             return "concept is empty: type what to look for, e.g. 'a cat'"
         return True
 
-    def find(self, model, clip, vae, concept, xi, seed, steps, images, anchor="", aligner=None, resolution=0,
-             unique_id=None):
+    def find(self, model, clip, vae, concept, xi, saliency_seed, steps, images, anchor="", aligner=None,
+             resolution=0, unique_id=None):
         def work():
             expanded = concept_specs.expand(concept, "individual")
             family = host.model_family(model)
@@ -215,7 +219,7 @@ class TrustConceptSaliency:
                 config = SaliencyConfig(xi=xi, steps=steps, images=images)
                 with torch.inference_mode(False), torch.enable_grad():
                     result = estimate(parts, deltas, list(expanded.forget), config, aligner, anchor or "",
-                                      torch.Generator().manual_seed(seed), _cfg(family))
+                                      torch.Generator().manual_seed(saliency_seed), _cfg(family))
                 return ConceptNeurons(concept, _detach(result), fingerprint(deltas.base))
 
         neurons = _run("measuring saliency", resolution, work)
@@ -286,7 +290,7 @@ class TrustUnlearn:
                 "mask_refresh": ("INT", {"default": 1, "min": 0, "max": 1000, "tooltip":
                                          "re-find the concept neurons every this many steps (paper: every step); "
                                          "0 = never (keep the first mask)"}),
-                "seed": _SEED,
+                "training_seed": _SEED,
                 "file_name": ("STRING", {"default": "", "tooltip":
                                          "name of the delta file in models/unlearned_deltas/ (also listed by LoRA "
                                          "loaders); empty = from the concept. An existing different file is never "
@@ -310,12 +314,13 @@ class TrustUnlearn:
             return "concepts is empty: type what to erase, one concept per line"
         return True
 
-    def unlearn(self, model, clip, vae, concepts, mode, loss, steps, learning_rate, beta, xi, mask_refresh, seed,
-                file_name, preserve="", concept_neurons=None, aligner=None, resolution=0, unique_id=None):
+    def unlearn(self, model, clip, vae, concepts, mode, loss, steps, learning_rate, beta, xi, mask_refresh,
+                training_seed, file_name, preserve="", concept_neurons=None, aligner=None, resolution=0,
+                unique_id=None):
         expanded = _run("reading the concepts", resolution,
                         lambda: concept_specs.expand_all(concepts, mode, preserve=preserve))
         family = _run("checking the model", resolution, lambda: host.model_family(model))
-        overrides = {"steps": steps, "lr": learning_rate, "seed": seed, "mask_every": mask_refresh,
+        overrides = {"steps": steps, "lr": learning_rate, "seed": training_seed, "mask_every": mask_refresh,
                      "static_mask": mask_refresh == 0}
         if beta > 0:
             overrides["beta"] = beta

@@ -58,7 +58,7 @@ def digest(module: torch.nn.Module) -> str:
 
 def fast(**overrides):
     values = dict(mode="individual", loss="CIP", steps=3, learning_rate=5e-3, beta=0.0, xi=2.0, mask_refresh=1,
-                  seed=0, file_name="", resolution=32)
+                  training_seed=0, file_name="", resolution=32)
     values.update(overrides)
     return values
 
@@ -106,7 +106,7 @@ def test_same_inputs_reuse_the_saved_delta_and_say_so(pack, host):
     second = node(pack, "TrustUnlearn").unlearn(model, clip, vae, "a star", **fast(file_name="star"))["result"]
     assert "Reused star.safetensors" in second[3]
     assert second[1].path == first[1].path
-    third = node(pack, "TrustUnlearn").unlearn(model, clip, vae, "a star", **fast(file_name="star", seed=1))["result"]
+    third = node(pack, "TrustUnlearn").unlearn(model, clip, vae, "a star", **fast(file_name="star", training_seed=1))["result"]
     assert third[1].path.endswith("star_2.safetensors"), "a different run must not overwrite the user's file"
 
 

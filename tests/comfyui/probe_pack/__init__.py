@@ -1,0 +1,91 @@
+"""Test-only ComfyUI nodes for the tier-2 tests (never shipped): read a MODEL's effective weights and compare two
+MODELs, and inject a failure into the next TRuST run. Loaded beside the pack by the tier-2 server."""
+
+import hashlib
+import sys
+
+import torch
+
+
+class AnyType(str):
+    """Matches every socket type (ComfyUI compares types with !=)."""
+
+    def __ne__(self, other):
+        return False
+
+
+ANY = AnyType("*")
+
+
+def effective_weights(model) -> dict:
+    """The UNet weights this MODEL samples with (its patches applied), copied to the CPU."""
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([model], force_full_load=True)
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.model.diffusion_model.state_dict().items()}
+
+
+class TrustProbeWeights:
+    CATEGORY = "testing/trust"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "probe"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "label": ("STRING", {"default": ""})},
+                "optional": {"reference": ("MODEL",), "after": (ANY,)}}
+
+    @classmethod
+    def IS_CHANGED(cls, **_):
+        return float("nan")  # always measure
+
+    def probe(self, model, label, reference=None, after=None):
+        weights = effective_weights(model)
+        digest = hashlib.sha256()
+        for key in sorted(weights):
+            digest.update(key.encode())
+            digest.update(weights[key].contiguous().view(torch.uint8).numpy().tobytes())
+        ui = {"label": [label], "digest": [digest.hexdigest()]}
+        if reference is not None:
+            other = effective_weights(reference)
+            changed = [k for k in sorted(weights) if not torch.equal(weights[k], other[k])]
+            ui["changed"] = changed
+            ui["max_abs_diff"] = [max((float((weights[k].float() - other[k].float()).abs().max()) for k in changed),
+                                      default=0.0)]
+        return {"ui": ui}
+
+
+class TrustProbeFailNextRun:
+    """Makes the pack's next unlearning run raise at its second optimizer step (then restores the engine)."""
+
+    CATEGORY = "testing/trust"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "arm"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"armed": ("BOOLEAN", {"default": True})}}
+
+    @classmethod
+    def IS_CHANGED(cls, **_):
+        return float("nan")
+
+    def arm(self, armed):
+        engine = next(m for name, m in sys.modules.items() if name.endswith(".trust_engine.unlearn"))
+        original = engine._masked_step
+        calls = {"n": 0}
+
+        def failing(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                engine._masked_step = original
+                raise RuntimeError("tier-2 injected failure in the middle of training")
+            return original(*args, **kwargs)
+
+        engine._masked_step = failing
+        return {"ui": {"armed": [True]}}
+
+
+NODE_CLASS_MAPPINGS = {"TrustProbeWeights": TrustProbeWeights, "TrustProbeFailNextRun": TrustProbeFailNextRun}

@@ -1,0 +1,163 @@
+"""Tier 2 in a real ComfyUI (see conftest.py): the pack loads through ComfyUI's own loader; the patched MODEL
+differs from the base only at cross-attention sites; the base MODEL is bit-identical after a run, an
+interruption and an exception; the stock LoraLoaderModelOnly reading the saved file gives the node's weights; a
+delta for another base warns; every example workflow executes through ComfyUI's executor."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from tier2_support import CHECKPOINT, REPO
+from workflow_api import set_inputs, ui_to_api
+
+WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+FAST = {"steps": 2, "resolution": 64}
+
+
+def base_graph(extra: dict) -> dict:
+    graph = {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}}}
+    graph.update(extra)
+    return graph
+
+
+def unlearn_node(concept: str, file_name: str, **overrides) -> dict:
+    inputs = {"model": ["ckpt", 0], "clip": ["ckpt", 1], "vae": ["ckpt", 2], "concepts": concept,
+              "mode": "individual", "loss": "CIP", "steps": 2, "learning_rate": 0.005, "beta": 0.0, "xi": 2.0,
+              "mask_refresh": 1, "training_seed": 0, "file_name": file_name, "preserve": "", "resolution": 64}
+    inputs.update(overrides)
+    return {"class_type": "TrustUnlearn", "inputs": inputs}
+
+
+def probe(model, label: str, reference=None, after=None) -> dict:
+    inputs = {"model": model, "label": label}
+    if reference:
+        inputs["reference"] = reference
+    if after:
+        inputs["after"] = after
+    return {"class_type": "TrustProbeWeights", "inputs": inputs}
+
+
+def outputs(entry: dict, label: str) -> dict:
+    for out in entry["outputs"].values():
+        if out.get("label") == [label]:
+            return out
+    raise KeyError(f"no probe labelled {label!r} in {list(entry['outputs'])}")
+
+
+@pytest.fixture(scope="module")
+def base_digest(comfy):
+    entry = comfy.run(base_graph({"p": probe(["ckpt", 0], "base")}))
+    return outputs(entry, "base")["digest"][0]
+
+
+def test_the_pack_loads_through_comfyuis_own_loader(comfy):
+    info = comfy.object_info()
+    names = {k: info[k]["display_name"] for k in ("TrustConceptSaliency", "TrustUnlearn", "TrustApplyDelta",
+                                                   "TrustLoadAligner", "TrustBeforeAfterGrid")}
+    assert names["TrustConceptSaliency"] == "Concept Saliency"
+    assert names["TrustUnlearn"] == "TRUST Unlearn" and names["TrustApplyDelta"] == "Apply Unlearned Delta"
+    assert all(info[k]["category"] == "unlearning/TRuST" for k in names)
+    assert "IMPORT FAILED" not in comfy.log.read_text() or "trust_unlearning" not in comfy.log.read_text()
+
+
+def test_patched_model_differs_only_at_cross_attention_and_base_stays_identical(comfy, base_digest):
+    entry = comfy.run(base_graph({
+        "u": unlearn_node("a cat", "tier2_cat"),
+        "diff": probe(["u", 0], "patched", reference=["ckpt", 0]),
+        "after": probe(["ckpt", 0], "base after", after=["u", 3]),
+    }))
+    changed = outputs(entry, "patched")["changed"]
+    assert changed and all(".attn2.to_k." in k or ".attn2.to_v." in k or ".attn2.to_q." in k for k in changed)
+    assert outputs(entry, "base after")["digest"][0] == base_digest
+    # the saved file through the stock loader gives the node's patched weights
+    entry = comfy.run(base_graph({
+        "u": unlearn_node("a cat", "tier2_cat"),
+        "lora": {"class_type": "LoraLoaderModelOnly",
+                 "inputs": {"model": ["ckpt", 0], "lora_name": "tier2_cat.safetensors", "strength_model": 1.0}},
+        "same": probe(["lora", 0], "stock loader", reference=["u", 0]),
+    }))
+    assert outputs(entry, "stock loader")["changed"] == []
+    assert "lora key not loaded" not in comfy.log.read_text()
+
+
+def test_same_inputs_reuse_the_saved_delta(comfy):
+    graph = base_graph({"u": unlearn_node("a dog", "tier2_dog"),
+                        "p": probe(["u", 0], "reuse", reference=["ckpt", 0])})
+    comfy.run(graph)
+    graph["u"]["inputs"]["concepts"] = "a dog\n"  # a new prompt (ComfyUI's cache would skip an identical one)
+    comfy.run(graph)
+    assert "Reused tier2_dog.safetensors" in comfy.log.read_text() or _reused(comfy, "tier2_dog")
+
+
+def _reused(comfy, name: str) -> bool:
+    history = comfy._call("/history")
+    texts = [t for entry in history.values() for out in entry.get("outputs", {}).values() for t in out.get("text", [])]
+    return any(f"Reused {name}.safetensors" in t for t in texts)
+
+
+def test_interruption_leaves_the_base_model_bit_identical(comfy, base_digest):
+    prompt_id = comfy.queue(base_graph({"u": unlearn_node("a bird", "tier2_cut", steps=2000)}))
+    started = time.time()
+    while time.time() - started < 300:
+        if "generating" in comfy.log.read_text() or _running(comfy, prompt_id):
+            break
+        time.sleep(0.5)
+    time.sleep(3)
+    comfy.interrupt()
+    entry = comfy.wait(prompt_id)
+    assert entry["status"]["status_str"] == "error"
+    assert any(m[0] == "execution_interrupted" for m in entry["status"]["messages"])
+    entry = comfy.run(base_graph({"p": probe(["ckpt", 0], "after interrupt")}))
+    assert outputs(entry, "after interrupt")["digest"][0] == base_digest
+    assert not (Path(comfy.base_dir) / "models" / "unlearned_deltas" / "tier2_cut.safetensors").exists()
+
+
+def _running(comfy, prompt_id: str) -> bool:
+    queue = comfy._call("/queue")
+    return any(item[1] == prompt_id for item in queue.get("queue_running", []))
+
+
+def test_an_exception_mid_run_leaves_the_base_model_bit_identical(comfy, base_digest):
+    comfy.run({"arm": {"class_type": "TrustProbeFailNextRun", "inputs": {"armed": True}}})
+    entry = comfy.wait(comfy.queue(base_graph({"u": unlearn_node("a fish", "tier2_fail")})))
+    assert entry["status"]["status_str"] == "error"
+    assert "injected failure" in json.dumps(entry["status"]["messages"])
+    entry = comfy.run(base_graph({"p": probe(["ckpt", 0], "after failure")}))
+    assert outputs(entry, "after failure")["digest"][0] == base_digest
+
+
+def test_a_delta_for_another_base_model_warns(comfy):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    comfy.run(base_graph({"u": unlearn_node("a horse", "tier2_horse")}))
+    folder = Path(comfy.base_dir) / "models" / "unlearned_deltas"
+    with safe_open(str(folder / "tier2_horse.safetensors"), framework="pt") as f:
+        metadata, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    metadata["trust_base_fingerprint"] = "0" * 64
+    save_file(tensors, str(folder / "tier2_foreign.safetensors"), metadata=metadata)
+    entry = comfy.run(base_graph({
+        "a": {"class_type": "TrustApplyDelta",
+              "inputs": {"model": ["ckpt", 0], "delta_file": "tier2_foreign.safetensors", "strength": 1.0}},
+        "p": probe(["a", 0], "foreign"),
+    }))
+    texts = [t for out in entry["outputs"].values() for t in out.get("text", [])]
+    assert any("another base model" in t for t in texts), texts
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_every_example_workflow_executes(comfy, path):
+    info = comfy.object_info()
+    prompt = ui_to_api(json.loads(path.read_text()), info)
+    set_inputs(prompt, "CheckpointLoaderSimple", ckpt_name=CHECKPOINT)
+    set_inputs(prompt, "EmptyLatentImage", width=64, height=64, batch_size=1)
+    set_inputs(prompt, "KSampler", steps=2)
+    set_inputs(prompt, "TrustUnlearn", **FAST)
+    set_inputs(prompt, "TrustConceptSaliency", steps=2, images=1, resolution=64)
+    if any(n["class_type"] == "TrustApplyDelta" for n in prompt.values()):
+        comfy.run(base_graph({"u": unlearn_node("a cat", "tier2_shared")}))
+        set_inputs(prompt, "TrustApplyDelta", delta_file="tier2_shared.safetensors")
+    comfy.run(prompt)
