@@ -44,6 +44,7 @@ def comfy(tmp_path_factory):
     checkpoints, nodes = base / "models" / "checkpoints", base / "custom_nodes_under_test"
     checkpoints.mkdir(parents=True)
     nodes.mkdir()
+    (base / "custom_nodes").mkdir()  # ComfyUI lists its own custom_nodes folder at start
     build_checkpoint(root, checkpoints / CHECKPOINT)
     (nodes / "trust_unlearning").symlink_to(REPO, target_is_directory=True)
     (nodes / "trust_tier2_probe").symlink_to(HERE / "probe_pack", target_is_directory=True)

@@ -16,8 +16,18 @@ CHECKPOINT = "tiny_sd15.safetensors"
 
 
 def build_checkpoint(root: Path, path: Path) -> None:
-    """A tiny checkpoint ComfyUI detects as SD1.5: its own UNetModel class (320 channels, one level), a random
-    CLIP-L text encoder and a random SD VAE (diffusers layout, which ComfyUI converts), fp16, seeded."""
+    """A tiny checkpoint ComfyUI detects as SD1.5 (built in a child process: importing comfy initialises a device
+    from its command line, which must say --cpu)."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, __file__, str(root), str(path)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"building the tiny checkpoint failed:\n{out.stderr[-3000:]}")
+
+
+def _build(root: Path, path: Path) -> None:
+    """ComfyUI's own UNetModel class (320 channels, one level), a random CLIP-L text encoder and a random SD VAE
+    (diffusers layout, which ComfyUI converts), fp16, seeded."""
     import torch
     from diffusers import AutoencoderKL
     from safetensors.torch import save_file
@@ -103,3 +113,13 @@ class Client:
 
     def tail(self, lines: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+if __name__ == "__main__":
+    root_arg, path_arg = sys.argv[1:3]
+    sys.argv = [sys.argv[0], "--cpu"]
+    sys.path.insert(0, root_arg)
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    _build(Path(root_arg), Path(path_arg))
