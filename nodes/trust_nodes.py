@@ -264,6 +264,7 @@ class TrustUnlearn:
     OUTPUT_TOOLTIPS = ("a patched copy of the model without the concept", "the change, for Apply Unlearned Delta",
                        "loss and forget score per step", "what was erased, kept, changed and measured")
     FUNCTION = "unlearn"
+    OUTPUT_NODE = True  # it writes the delta file, so it runs even when nothing downstream is connected
 
     @classmethod
     def INPUT_TYPES(cls):
