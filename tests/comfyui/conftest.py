@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from tier2_support import CHECKPOINT, HERE, REPO, Client, build_checkpoint, free_port
+
+from .tier2_support import CHECKPOINT, HERE, REPO, Client, build_checkpoint, free_port
 
 
 def comfyui_root() -> Path | None:

@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-from tier2_support import CHECKPOINT, REPO
-from workflow_api import set_inputs, ui_to_api
+
+from .tier2_support import CHECKPOINT, REPO
+from .workflow_api import set_inputs, ui_to_api
 
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 FAST = {"steps": 2, "resolution": 64}
