@@ -248,7 +248,7 @@ def cmd_figures(args: argparse.Namespace) -> int:
     model = _load_model(args)
     judge = bundle.load_judge()
     rows = []
-    for task in DEMO_TASKS:
+    for task in (t for t in DEMO_TASKS if t[1] in args.modes):
         concept, mode = task[0], task[1]
         before = evaluate(model[0], judge, eval_sets(concept, mode), seeds=args.seeds)
         runs = [(loss, False) for loss in args.losses] + ([(args.losses[0], True)] if args.ablation else [])
@@ -353,11 +353,14 @@ def main(argv: list[str] | None = None) -> int:
     training_options(p)
     p.set_defaults(func=cmd_demo)
 
+    MODES = ("individual", "combination", "conditional")
     p = sub.add_parser("figures", help="the engine's testbed benchmark: each demo task with CIP and CSR, plus the "
                                       "static-mask ablation; markdown table in --out/figures.md")
     p.add_argument("--out", default="out/figures", help="folder for deltas and figures (default ./out/figures)")
     p.add_argument("--losses", nargs="+", choices=("cip", "csr"), default=["cip", "csr"], help="(default cip csr)")
     p.add_argument("--no-ablation", dest="ablation", action="store_false", help="skip the static-mask runs")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                   help="which demo tasks, by mode (default all three)")
     p.add_argument("--seeds", type=int, default=2, help="images per judged prompt (default 2)")
     training_options(p)
     p.set_defaults(func=cmd_figures)

@@ -140,7 +140,7 @@ def test_a_delta_for_another_base_model_warns(comfy):
     folder = Path(comfy.base_dir) / "models" / "unlearned_deltas"
     with safe_open(str(folder / "tier2_horse.safetensors"), framework="pt") as f:
         metadata, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
-    metadata["trust_base_fingerprint"] = "0" * 64
+    metadata["base_fingerprint"] = "0" * 64  # as if made on other weights
     save_file(tensors, str(folder / "tier2_foreign.safetensors"), metadata=metadata)
     entry = comfy.run(base_graph({
         "a": {"class_type": "TrustApplyDelta",
