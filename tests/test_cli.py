@@ -34,10 +34,12 @@ def test_bad_inputs_exit_with_a_clear_message(tmp_path):
     assert result.returncode != 0 and "type the concept" in result.stderr
 
 
-def test_figures_writes_a_table_and_json_for_every_task(tmp_path):
-    out = run("figures", "--losses", "csr", "--no-ablation", "--steps", "1", "--seeds", "1", "--out", str(tmp_path))
+def test_figures_writes_a_table_and_json(tmp_path):
+    out = run("figures", "--modes", "combination", "--losses", "csr", "--steps", "1", "--seeds", "1",
+              "--out", str(tmp_path))
     rows = json.loads((tmp_path / "figures.json").read_text())
-    assert [r["mode"] for r in rows] == ["individual", "combination", "conditional"]
-    assert all(r["loss"] == "csr" and 0 < r["weights_changed_share"] < 1 and r["file_bytes"] > 0 for r in rows)
+    assert [(r["mode"], r["loss"], r["static_mask"]) for r in rows] == [("combination", "csr", False),
+                                                                      ("combination", "csr", True)]
+    assert all(0 < r["weights_changed_share"] < 1 and r["file_bytes"] > 0 for r in rows)
     table = (tmp_path / "figures.md").read_text()
-    assert "| triangle | individual | CSR | every step |" in table and table.strip().endswith(out.strip()[-40:])
+    assert "| red circle | combination | CSR | every step |" in table and table.strip().endswith(out.strip()[-40:])
