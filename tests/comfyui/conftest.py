@@ -10,8 +10,10 @@ the fly (320-channel one-level UNet, random CLIP-L and SD VAE; the shapes ComfyU
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,9 +41,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def comfy(tmp_path_factory):
+def comfy():
     root = comfyui_root()
-    base = tmp_path_factory.mktemp("comfy")
+    # its own folder, not pytest's rotating basetemp: another pytest run could remove that under the live server
+    base = Path(tempfile.mkdtemp(prefix="trust-tier2-"))
     checkpoints, nodes = base / "models" / "checkpoints", base / "custom_nodes_under_test"
     checkpoints.mkdir(parents=True)
     nodes.mkdir()
@@ -80,3 +83,4 @@ def comfy(tmp_path_factory):
             server.wait(30)
         except subprocess.TimeoutExpired:
             server.kill()
+        shutil.rmtree(base, ignore_errors=True)
