@@ -305,6 +305,11 @@ class TrustUnlearn:
                 "aligner": ("CONCEPT_ALIGNER", {"tooltip": "a CLIP from Load Concept Aligner: CLIP-score saliency and "
                                                            "an early stop; without it, noise-contrast saliency"}),
                 "resolution": _RESOLUTION,
+                # optional and last, so workflows saved before it existed keep their widget values in place
+                "training_images": ("INT", {"default": 32, "min": 2, "max": 512, "tooltip":
+                                            "images the model first generates of the concepts to learn from (the "
+                                            "forget set); twice as many are generated of what to keep. Fewer = a "
+                                            "faster start and a rougher erasure"}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -317,12 +322,13 @@ class TrustUnlearn:
 
     def unlearn(self, model, clip, vae, concepts, mode, loss, steps, learning_rate, beta, xi, mask_refresh,
                 training_seed, file_name, preserve="", concept_neurons=None, aligner=None, resolution=0,
-                unique_id=None):
+                training_images=32, unique_id=None):
         expanded = _run("reading the concepts", resolution,
                         lambda: concept_specs.expand_all(concepts, mode, preserve=preserve))
         family = _run("checking the model", resolution, lambda: host.model_family(model))
         overrides = {"steps": steps, "lr": learning_rate, "seed": training_seed, "mask_every": mask_refresh,
-                     "static_mask": mask_refresh == 0}
+                     "static_mask": mask_refresh == 0, "forget_images": training_images,
+                     "preserve_images": 2 * training_images}
         if beta > 0:
             overrides["beta"] = beta
         config = config_for(loss.lower(), **overrides)

@@ -3,6 +3,7 @@ Checks the node contract, that the host MODEL is never written, files, reuse, wa
 
 import hashlib
 import importlib.util
+import json
 import shutil
 import sys
 
@@ -108,6 +109,14 @@ def test_same_inputs_reuse_the_saved_delta_and_say_so(pack, host):
     assert second[1].path == first[1].path
     third = node(pack, "TrustUnlearn").unlearn(model, clip, vae, "a star", **fast(file_name="star", training_seed=1))["result"]
     assert third[1].path.endswith("star_2.safetensors"), "a different run must not overwrite the user's file"
+
+
+def test_training_images_sets_the_generated_data_sets(pack, host):
+    model, clip, vae = host
+    _, delta, _, _ = node(pack, "TrustUnlearn").unlearn(model, clip, vae, "a square",
+                                                        **fast(file_name="few", training_images=4))["result"]
+    config = json.loads(delta.delta.metadata["config"])
+    assert (config["forget_images"], config["preserve_images"]) == (4, 8)
 
 
 def test_interruption_and_failure_leave_the_model_bit_identical_and_save_nothing(pack, host, tmp_path):

@@ -15,7 +15,7 @@ from .tier2_support import CHECKPOINT, REPO
 from .workflow_api import set_inputs, ui_to_api
 
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
-FAST = {"steps": 2, "resolution": 64}
+FAST = {"steps": 2, "resolution": 64, "training_images": 4}  # a CPU-sized run of every graph
 
 
 def base_graph(extra: dict) -> dict:
@@ -27,7 +27,8 @@ def base_graph(extra: dict) -> dict:
 def unlearn_node(concept: str, file_name: str, **overrides) -> dict:
     inputs = {"model": ["ckpt", 0], "clip": ["ckpt", 1], "vae": ["ckpt", 2], "concepts": concept,
               "mode": "individual", "loss": "CIP", "steps": 2, "learning_rate": 0.005, "beta": 0.0, "xi": 2.0,
-              "mask_refresh": 1, "training_seed": 0, "file_name": file_name, "preserve": "", "resolution": 64}
+              "mask_refresh": 1, "training_seed": 0, "file_name": file_name, "preserve": "", "resolution": 64,
+              "training_images": 4}
     inputs.update(overrides)
     return {"class_type": "TrustUnlearn", "inputs": inputs}
 
