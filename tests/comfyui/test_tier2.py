@@ -162,6 +162,7 @@ def test_every_example_workflow_executes(comfy, path):
     set_inputs(prompt, "TrustUnlearn", **FAST)
     set_inputs(prompt, "TrustConceptSaliency", steps=2, images=1, resolution=64)
     if any(n["class_type"] == "TrustApplyDelta" for n in prompt.values()):
-        comfy.run(base_graph({"u": unlearn_node("a cat", "tier2_shared")}))
+        # a concept no other test erases: same inputs would reuse that test's file under its name
+        comfy.run(base_graph({"u": unlearn_node("a shared bird", "tier2_shared")}))
         set_inputs(prompt, "TrustApplyDelta", delta_file="tier2_shared.safetensors")
     comfy.run(prompt)
