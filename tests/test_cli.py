@@ -18,8 +18,12 @@ def test_unlearn_then_evaluate_json(tmp_path):
     out = run("unlearn", "--concept", "red circle", "--mode", "combination", "--steps", "2", "--out", str(delta))
     assert "a red object" in out  # the derived part is explained
     report = json.loads(run("evaluate", "--delta", str(delta), "--seeds", "1", "--json").strip().splitlines()[-1])
-    for key in ("forget_rate", "forget_rate_before", "synonym_forget_rate", "preserve_accuracy", "preserve_accuracy_before"):
+    for key in ("forget_rate", "forget_rate_before", "synonym_forget_rate", "preserve_accuracy", "preserve_accuracy_before",
+                "preserve_single_accuracy", "preserve_two_object_accuracy_before"):
         assert 0.0 <= report[key] <= 1.0, key
+    # the preserve set splits into one-object and two-object scenes, and its accuracy is their weighted mean
+    assert min(report["preserve_single_accuracy"], report["preserve_two_object_accuracy"]) <= report["preserve_accuracy"]
+    assert report["preserve_accuracy"] <= max(report["preserve_single_accuracy"], report["preserve_two_object_accuracy"])
     assert report["concept"] == "red circle" and report["mode"] == "combination"
 
 

@@ -123,8 +123,7 @@ def evaluate_delta(delta, concept: str, mode: str, seeds: int = 2, base_pipe=Non
     apply_delta(patched, delta)
     after = evaluate(patched, judge, sets, seeds=seeds)
     report = dict(after)
-    for key in ("forget_rate", "synonym_forget_rate", "preserve_accuracy", "parts_accuracy"):
-        report[f"{key}_before"] = before[key]
+    report.update({f"{key}_before": value for key, value in before.items()})
     report.update(concept=concept, mode=mode, forget_images=len(sets.forget) * seeds,
                   preserve_images=len(sets.preserve) * seeds)
     return report, patched

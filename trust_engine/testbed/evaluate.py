@@ -102,12 +102,20 @@ def evaluate(pipe, judge, sets: EvalSets, seeds: int = 2, steps: int = check.DEF
     p_images = check.generate(pipe, preserve, seed=seed + 100_000, steps=steps, cfg=cfg)
     ok = judge_rate(judge, p_images, preserve)
     parts = [o for o, part in zip(ok, is_part) if part]
+    pairs = [len(world.parse(p).objects) == 2 for p in preserve]
     syn_shown = [s for s, is_syn in zip(shown, syn) if is_syn]
+
+    def rate(values):
+        return float(np.mean(values)) if values else float("nan")
+
     return {
-        "forget_rate": float(np.mean(shown)),
-        "synonym_forget_rate": float(np.mean(syn_shown)) if syn_shown else float("nan"),
-        "preserve_accuracy": float(np.mean(ok)),
-        "parts_accuracy": float(np.mean(parts)) if parts else float("nan"),
+        "forget_rate": rate(shown),
+        "synonym_forget_rate": rate(syn_shown),
+        "preserve_accuracy": rate(ok),
+        "parts_accuracy": rate(parts),
+        # where the preserve damage is: one-object scenes vs. two objects in a relation
+        "preserve_single_accuracy": rate([o for o, two in zip(ok, pairs) if not two]),
+        "preserve_two_object_accuracy": rate([o for o, two in zip(ok, pairs) if two]),
     }
 
 
