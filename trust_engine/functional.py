@@ -1,51 +1,111 @@
-"""Edits as deltas: trainable difference tensors for the sites, applied in a functional forward
-(`torch.func.functional_call`) as base + delta. The host's parameters are read, never made trainable or written.
+"""Edits as deltas: float32 row deltas for the sites, added to each site's output (y = W x + D x) in a private copy of
+the UNet's module tree that shares the host's tensors read-only. Host modules and parameters are never written.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from .delta import Delta
 from .unet_view import Site, weight_path
 
 
-class SiteDeltas:
-    """One float32 delta tensor per site (out x in), zero at start; `call` runs the UNet with base + delta."""
+def private_tree(module: nn.Module) -> nn.Module:
+    """A copy of `module`'s tree of Python module objects whose parameters and buffers are the host's own tensors,
+    detached and frozen: no weight is copied, autograd never reaches the host's tensors, and whatever is changed on
+    the copy (wrapped layers, checkpointing flags) is invisible to the host and to other users of the module."""
+    memo: dict[int, object] = {}
+    for p in module.parameters():
+        memo[id(p)] = nn.Parameter(p.detach(), requires_grad=False)
+    for b in module.buffers():
+        memo[id(b)] = b
+    return copy.deepcopy(module, memo)
 
-    def __init__(self, unet: nn.Module, sites: list[Site]) -> None:
+
+class _SiteLayer(nn.Module):
+    """A site's layer in the private tree: the host layer's output plus, in float32, the site's delta (while
+    `owner.apply_delta`) and the saliency probe (while probing), cast once to the layer's output dtype. Adding D x to
+    the output instead of D to the weight keeps a small delta from being rounded away in float16/bfloat16."""
+
+    def __init__(self, layer: nn.Module, owner: SiteDeltas, name: str) -> None:
+        super().__init__()
+        self.layer = layer
+        self.name = name
+        self._owner = [owner]  # a list, so the owner is not registered as a submodule
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.layer(x, *args, **kwargs)
+        owner = self._owner[0]
+        extra = None
+        delta = owner.delta.get(self.name) if owner.apply_delta else None
+        if delta is not None and self.name in owner.offset:
+            delta = delta + owner.offset[self.name]
+        for w in (delta, owner.probes.get(self.name)):
+            if w is not None:
+                e = F.linear(x.to(w.dtype), w)
+                extra = e if extra is None else extra + e
+        return y if extra is None else y + extra.to(y.dtype)
+
+
+class SiteDeltas:
+    """One float32 delta (out x in, zero at start) per site whose projection may change; `call` runs the UNet with
+    base + delta, `base_call` the untouched base. Sites of other projection types carry no delta and no optimizer
+    state, but are still scored by saliency (through zero probes that exist only during an estimate)."""
+
+    def __init__(self, unet: nn.Module, sites: list[Site], trainable: str = "qkvo") -> None:
         self.unet = unet
         self.sites = sites
-        # Detached views of every host parameter: the forward sees the same values but autograd never reaches
-        # (or writes .grad on) the host's tensors, whatever their requires_grad says.
-        self.frozen = {name: p.detach() for name, p in unet.named_parameters()}
+        self.model = private_tree(unet)
         self.param_name = {s.name: weight_path(unet, s) + ".weight" for s in sites}
-        self.base = {s.name: self.frozen[self.param_name[s.name]] for s in sites}
+        host = dict(unet.named_parameters())
+        self.base = {s.name: host[self.param_name[s.name]].detach() for s in sites}
+        letter = {"q": "q", "k": "k", "v": "v", "out": "o"}
         self.delta = {
-            s.name: torch.zeros(w.shape, device=w.device, dtype=torch.float32, requires_grad=True)
-            for s, w in zip(sites, self.base.values())
+            s.name: torch.zeros(self.base[s.name].shape, device=self.base[s.name].device, dtype=torch.float32,
+                                requires_grad=True)
+            for s in sites if letter.get(s.kind, s.kind) in trainable
         }
+        self.probes: dict[str, torch.Tensor] = {}
+        self.offset: dict[str, torch.Tensor] = {}  # a constant added to the deltas (finite differences)
+        self.apply_delta = True
+        for s in sites:
+            path = weight_path(unet, s)
+            owner_path, _, leaf = path.rpartition(".")
+            parent = self.model.get_submodule(owner_path)
+            setattr(parent, leaf, _SiteLayer(getattr(parent, leaf), self, s.name))
 
     def parameters(self) -> list[torch.Tensor]:
         return list(self.delta.values())
 
-    def weights(self, with_delta: bool = True) -> dict[str, torch.Tensor]:
-        params = dict(self.frozen)
-        if with_delta:
-            for name, d in self.delta.items():
-                base = self.base[name]
-                params[self.param_name[name]] = base + d.to(base.dtype)
-        return params
-
     def call(self, *args, **kwargs):
         """The UNet forward with base + delta at the sites (differentiable in the deltas)."""
-        return functional_call(self.unet, self.weights(True), args, kwargs, strict=False)
+        self.apply_delta = True
+        return self.model(*args, **kwargs)
 
     def base_call(self, *args, **kwargs):
         """The untouched base model's forward (no graph to the deltas)."""
-        return functional_call(self.unet, self.frozen, args, kwargs, strict=False)
+        self.apply_delta = False
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            self.apply_delta = True
+
+    @contextmanager
+    def probing(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Zero float32 probes on every site for the duration: their gradient is the gradient of an objective with
+        respect to the site's weight at base + delta (the saliency). They change no output."""
+        self.probes = {s.name: torch.zeros(self.base[s.name].shape, device=self.base[s.name].device,
+                                           dtype=torch.float32, requires_grad=True) for s in self.sites}
+        try:
+            yield self.probes
+        finally:
+            self.probes = {}
 
     def to_delta(self, metadata: dict[str, str] | None = None, base_fingerprint: str = "") -> Delta:
         """The row-sparse Delta of what changed (rows whose difference is not all zero)."""

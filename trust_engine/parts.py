@@ -32,10 +32,13 @@ class DiffusionParts:
     check_prompt: Callable[[str], None] | None = None  # raises a clear error for prompts the model cannot read
 
     def ddim(self, steps: int):
-        """A fresh diffusers DDIMScheduler on the model's schedule, set to `steps` sampling steps."""
+        """A fresh diffusers DDIMScheduler on the model's schedule, set to `steps` sampling steps. It is told the
+        model's own prediction type, and callers hand it the model's native output (`guided_output`): converting v to
+        eps first would divide by sqrt(alpha_bar), which is 0 at the last step of a zero-terminal-SNR schedule."""
         from diffusers import DDIMScheduler
 
         config = {k: v for k, v in self.scheduler_config.items() if not k.startswith("_")}
+        config["prediction_type"] = self.prediction_type
         scheduler = DDIMScheduler.from_config(config)
         scheduler.set_timesteps(steps)
         return scheduler
@@ -49,14 +52,33 @@ class DiffusionParts:
             self._alphas = DDPMScheduler.from_config(config).alphas_cumprod.clone()
         return self._alphas
 
-    def eps_from_output(self, output: torch.Tensor, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Noise prediction from the model output, whatever the model's prediction type."""
+    def _alpha_sigma(self, latents: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t), shaped to broadcast over a batch of latents (float32)."""
+        t = torch.as_tensor(t, device=self.alphas_cumprod.device).long().reshape(-1)
+        a = self.alphas_cumprod[t].to(latents.device, torch.float32).view(-1, *([1] * (latents.dim() - 1)))
+        return a.sqrt(), (1 - a).sqrt()
+
+    def eps_from_output(self, output: torch.Tensor, latents: torch.Tensor, t) -> torch.Tensor:
+        """Noise prediction from the model output, whatever the model's prediction type (defined at every t)."""
+        self._check_prediction_type()
         if self.prediction_type == "epsilon":
             return output
-        if self.prediction_type == "v_prediction":
-            a = self.alphas_cumprod.to(latents.device)[t].view(-1, 1, 1, 1).to(latents.dtype)
-            return a.sqrt() * output + (1 - a).sqrt() * latents
-        raise ValueError(f"unsupported prediction type {self.prediction_type!r} (epsilon or v_prediction)")
+        alpha, sigma = self._alpha_sigma(latents, t)
+        return alpha * output + sigma * latents.to(output.dtype)
+
+    def x0_from_output(self, output: torch.Tensor, latents: torch.Tensor, t) -> torch.Tensor:
+        """Clean-latent prediction from the model output. For v-prediction it never divides by sqrt(alpha_bar),
+        so it stays finite on zero-terminal-SNR schedules."""
+        self._check_prediction_type()
+        alpha, sigma = self._alpha_sigma(latents, t)
+        x = latents.to(output.dtype)
+        if self.prediction_type == "epsilon":
+            return (x - sigma * output) / alpha
+        return alpha * x - sigma * output
+
+    def _check_prediction_type(self) -> None:
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"unsupported prediction type {self.prediction_type!r} (epsilon or v_prediction)")
 
 
 @dataclasses.dataclass

@@ -63,21 +63,36 @@ class SaliencyResult:
                 f"{'CLIP score' if self.mode == 'clip' else 'noise contrast'} {self.objective:.2f}")
 
 
-def guided_eps(parts: DiffusionParts, unet_call, latents, t, cond, uncond, cfg: float) -> torch.Tensor:
-    """Classifier-free-guided noise prediction, conditional and unconditional in one batch."""
+def guided_output(parts: DiffusionParts, unet_call, latents, t, cond, uncond, cfg: float) -> torch.Tensor:
+    """Classifier-free-guided model output in the model's own parametrisation (eps or v; guidance is linear, so
+    guiding v is guiding eps), conditional and unconditional in one batch. Float32."""
     n = latents.shape[0]
     x = torch.cat([latents, latents])
     tt = torch.full((2 * n,), int(t), device=latents.device, dtype=torch.long)
-    out = parts.denoise(unet_call, x.to(parts.dtype), tt, torch.cat([cond, uncond]))
-    eps = parts.eps_from_output(out.float(), x.float(), tt)
-    e_c, e_u = eps.chunk(2)
-    return e_u + cfg * (e_c - e_u)
+    out = parts.denoise(unet_call, x.to(parts.dtype), tt, torch.cat([cond, uncond])).float()
+    o_c, o_u = out.chunk(2)
+    return o_u + cfg * (o_c - o_u)
+
+
+def guided_eps(parts: DiffusionParts, unet_call, latents, t, cond, uncond, cfg: float) -> torch.Tensor:
+    """Classifier-free-guided noise prediction (float32)."""
+    return parts.eps_from_output(guided_output(parts, unet_call, latents, t, cond, uncond, cfg), latents.float(), t)
+
+
+# Saliency only feeds z-scores, which do not change when the objective is scaled: in float16 the objective is scaled
+# up so that its gradients through the UNet stay in float16's normal range, and down again only if they overflow.
+_HALF_SCALE = 2.0**16
 
 
 def estimate(parts: DiffusionParts, deltas: SiteDeltas, prompts: list[str], config: SaliencyConfig,
              aligner: Aligner | None = None, anchor: str = "", generator: torch.Generator | None = None,
              cfg: float = 7.5) -> SaliencyResult:
-    """One saliency estimate at the current weights (base + delta): Algorithm 1."""
+    """One saliency estimate at the current weights (base + delta): Algorithm 1.
+
+    Memory: the gradient is taken one image at a time, and for each image in three separate graphs (the aligner's
+    score back to x0 through the decode, then the conditional and the unconditional UNet pass, each given its share
+    of that gradient), so the UNet's, the VAE's and the aligner's activations are never held at once. The result is
+    the same gradient as one joint backward; it costs one more UNet forward pair per image."""
     mode = config.mode if config.mode != "auto" else ("clip" if aligner is not None else "noise")
     if mode == "clip" and aligner is None:
         raise ValueError("CLIP-score saliency needs an aligner (a CLIP with both towers); use mode 'noise' without one")
@@ -94,30 +109,65 @@ def estimate(parts: DiffusionParts, deltas: SiteDeltas, prompts: list[str], conf
     latents = torch.randn((n, *parts.latent_shape), generator=gen).to(parts.device)
     with torch.no_grad():
         for t in sched.timesteps[:k_stop]:
-            eps = guided_eps(parts, deltas.call, latents, t, cond, uncond, cfg)
-            latents = sched.step(eps, t, latents).prev_sample
+            latents = sched.step(guided_output(parts, deltas.call, latents, t, cond, uncond, cfg), t, latents).prev_sample
     t = sched.timesteps[k_stop]
-    a = parts.alphas_cumprod[int(t)].to(latents.device)
-    images = None
-    if mode == "clip":
-        eps = guided_eps(parts, deltas.call, latents, t, cond, uncond, cfg)
-        x0 = (latents - (1 - a).sqrt() * eps) / a.sqrt()
-        images = parts.decode(x0)
-        objective = aligner.score(images, chosen).mean()
-    else:
-        anchor_cond = parts.encode_text([anchor] * n)
-        tt = torch.full((n,), int(t), device=latents.device, dtype=torch.long)
-        x = latents.to(parts.dtype)
-        e_c = parts.eps_from_output(parts.denoise(deltas.call, x, tt, cond).float(), latents, tt)
-        e_a = parts.eps_from_output(parts.denoise(deltas.call, x, tt, anchor_cond).float(), latents, tt)
-        objective = (e_c - e_a).pow(2).mean()
-    grads = torch.autograd.grad(objective, deltas.parameters(), allow_unused=True)
+    anchor_cond = parts.encode_text([anchor] * n) if mode == "noise" else None
+    scale = _HALF_SCALE if parts.dtype == torch.float16 else 1.0
+    for _ in range(40):
+        with deltas.probing() as probes:
+            objective, images = _backward_per_image(parts, deltas, latents, t, cond, uncond, anchor_cond, chosen,
+                                                    aligner, cfg, mode, scale, list(probes.values()))
+            grads = {name: p.grad for name, p in probes.items()}
+        if all(g is None or torch.isfinite(g).all() for g in grads.values()) or scale <= 1.0:
+            break
+        scale /= 2  # float16 overflow: take the same gradient again at a smaller scale
     scores = {}
-    for site, g in zip(deltas.sites, grads):
-        scores[site.name] = g.abs().mean(1) if g is not None else torch.zeros(site.out_features, device=parts.device)
+    for site in deltas.sites:
+        g = grads.get(site.name)
+        scores[site.name] = (g.abs().mean(1) if g is not None
+                             else torch.zeros(site.out_features, device=parts.device))
     z, mask = zscore_mask(scores, {s.name: s.kind for s in deltas.sites}, config.xi)
-    return SaliencyResult(scores, z, mask, {s.name: s.kind for s in deltas.sites}, float(objective.detach()), mode,
-                          images.detach() if images is not None else None)
+    return SaliencyResult(scores, z, mask, {s.name: s.kind for s in deltas.sites}, objective, mode, images)
+
+
+def _backward_per_image(parts, deltas, latents, t, cond, uncond, anchor_cond, chosen, aligner, cfg, mode, scale, probes):
+    """Accumulate d(objective * scale)/d(probes) image by image; returns (objective, decoded x0 images or None)."""
+    n = latents.shape[0]
+    tt = torch.full((1,), int(t), device=latents.device, dtype=torch.long)
+    total, images = 0.0, []
+    for i in range(n):
+        x = latents[i:i + 1]
+        if mode == "clip":
+            with torch.no_grad():
+                out = guided_output(parts, deltas.call, x, t, cond[i:i + 1], uncond[i:i + 1], cfg)
+            out = out.requires_grad_(True)
+            x0 = parts.x0_from_output(out, x.float(), tt)
+            image = parts.decode(x0)
+            objective = aligner.score(image, [chosen[i]]).sum() / n
+            (d_out,) = torch.autograd.grad(objective * scale, out)
+            images.append(image.detach())
+            shares = ((cond, cfg), (uncond, 1.0 - cfg))
+        else:
+            with torch.no_grad():
+                e_c = parts.eps_from_output(parts.denoise(deltas.call, x.to(parts.dtype), tt, cond[i:i + 1]).float(),
+                                            x.float(), tt)
+                e_a = parts.eps_from_output(parts.denoise(deltas.call, x.to(parts.dtype), tt,
+                                                          anchor_cond[i:i + 1]).float(), x.float(), tt)
+            diff = e_c - e_a
+            objective = diff.pow(2).sum() / (diff.numel() * n)
+            d_eps = 2 * diff / (diff.numel() * n) * scale
+            shares = ((cond, 1.0), (anchor_cond, -1.0))
+        for c, weight in shares:
+            if weight == 0:
+                continue
+            out = parts.denoise(deltas.call, x.to(parts.dtype), tt, c[i:i + 1]).float()
+            if mode == "clip":
+                torch.autograd.backward(out, d_out * weight, inputs=probes)
+            else:
+                eps = parts.eps_from_output(out, x.float(), tt)
+                torch.autograd.backward(eps, d_eps * weight, inputs=probes)
+        total += float(objective.detach())
+    return total, (torch.cat(images) if images else None)
 
 
 def zscore_mask(scores: dict[str, torch.Tensor], kinds: dict[str, str], xi: float):

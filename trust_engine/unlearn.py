@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import __version__
 from .concepts import ExpandedConcept, MergedConcepts, merge
@@ -20,7 +20,7 @@ from .delta import Delta, fingerprint
 from .functional import SiteDeltas
 from .parts import Aligner, DiffusionParts
 from .progress import NanGuard, ProgressEvent, null_progress
-from .saliency import SaliencyConfig, SaliencyResult, estimate, guided_eps, zscore_mask
+from .saliency import SaliencyConfig, SaliencyResult, estimate, guided_output, zscore_mask
 from .unet_view import find_sites
 
 
@@ -34,7 +34,12 @@ class UnlearnConfig:
 
     loss: str = _f("cip", "cip: L1 penalty on the concept neurons' weights; csr: penalty on the noise prediction's sensitivity to them")
     steps: int = _f(60, "fine-tuning steps (an early stop may end sooner)")
-    lr: float = _f(5e-3, "AdamW learning rate of the delta rows")
+    lr: float | None = _f(None, "absolute Adam learning rate of the delta rows (each masked entry moves about this much "
+                                "per step); None: relative_lr times each site's weight RMS, so the same setting moves "
+                                "rows by the same fraction on every model")
+    relative_lr: float = _f(0.1, "learning rate as a fraction of each site's weight RMS (used when lr is None). 0.1 is "
+                                 "the testbed's tuned 5e-3 (its K/V weights' RMS is 0.05-0.06); the report prints the "
+                                 "relative row change per step it gave")
     beta: float = _f(0.1, "weight of the CIP/CSR term")
     alpha: float = _f(0.5, "weight of the retain (preserve) noise loss, as in SalUn")
     retain_target: str = _f("base", "retain loss target: 'base' (a choice: the base model's own prediction, zero at "
@@ -53,6 +58,15 @@ class UnlearnConfig:
                                        "steadier masks touch fewer rows over a run")
     static_mask: bool = _f(False, "ablation: estimate the mask once and keep it")
     batch: int = _f(8, "forget and retain latents per step (each)")
+    micro_batch: int = _f(0, "latents per forward/backward pass; gradients are accumulated over the batch, so memory "
+                             "grows with this, not with batch (0 = auto: the whole batch for latents up to 32x32, "
+                             "else 1)")
+    csr_hvp: str = _f("finite_difference", "how CSR's Hessian-vector product is taken: 'finite_difference' (a choice: two "
+                                           "first-order backward passes at W +- h*u; fits in memory and runs on fused "
+                                           "attention kernels) or 'exact' (double backprop through PyTorch's math "
+                                           "attention kernel; about twice the memory)")
+    csr_fd_step: float = _f(1e-2, "finite-difference step of CSR's Hessian-vector product, as a fraction of the norm "
+                                  "of the concept neurons' weights")
     forget_images: int = _f(32, "self-generated images of the forget prompts (the forget set)")
     preserve_images: int = _f(64, "self-generated images of the preserve prompts (the retain set)")
     gen_steps: int = _f(20, "DDIM steps used to generate those sets")
@@ -125,7 +139,8 @@ def generate_latents(parts: DiffusionParts, unet_call, prompts: list[str], n: in
         latents = torch.randn((len(chunk), *parts.latent_shape), generator=generator).to(parts.device)
         sched = parts.ddim(steps)
         for t in sched.timesteps:
-            latents = sched.step(guided_eps(parts, unet_call, latents, t, cond, uncond, cfg), t, latents).prev_sample
+            output = guided_output(parts, unet_call, latents, t, cond, uncond, cfg)
+            latents = sched.step(output, t, latents).prev_sample
         out.append(latents)
         if on_batch:
             on_batch(start + len(chunk), n)
@@ -144,6 +159,7 @@ def unlearn(parts: DiffusionParts, concepts: ExpandedConcept | MergedConcepts | 
     merged = concepts if isinstance(concepts, MergedConcepts) else merge(concepts)
     if not merged.forget:
         raise ValueError("nothing to forget: the concept expanded to no prompts")
+    check_weights(parts)
     if parts.check_prompt:
         for prompt in (*merged.forget, *merged.preserve, *(a for _, a in merged.pairs if a)):
             parts.check_prompt(prompt)
@@ -154,110 +170,239 @@ def unlearn(parts: DiffusionParts, concepts: ExpandedConcept | MergedConcepts | 
         **(metadata or {}),
     }
     with torch.inference_mode(False), torch.enable_grad():
-        return _unlearn(parts, merged, config, aligner, progress, meta, cfg, initial_mask)
+        run = TrustRun(parts, merged, config, aligner, cfg, initial_mask)
+        run.prepare(progress)
+        return run.train(progress, meta)
 
 
-def _unlearn(parts, merged: MergedConcepts, config, aligner, progress, metadata, cfg, initial_mask) -> UnlearnResult:
-    start = time.time()
-    forget, preserve = list(merged.forget), list(merged.preserve)
-    if config.retain_unconditional and "" not in preserve:
-        preserve.append("")
-    anchor_of = dict(merged.pairs)
-    gen = torch.Generator().manual_seed(config.seed)
-    sites = find_sites(parts.unet, include_out=config.include_out)
-    deltas = SiteDeltas(parts.unet, sites)
-    base_fp = fingerprint(deltas.base)
+def check_weights(parts: DiffusionParts) -> None:
+    """Refuse weights the engine cannot train through, before any work."""
+    odd = {str(p.dtype) for p in parts.unet.parameters() if p.dtype not in (torch.float32, torch.float16,
+                                                                            torch.bfloat16, torch.float64)}
+    if odd:
+        raise ValueError(f"the UNet's weights are stored as {', '.join(sorted(odd))} (e.g. fp8): unlearning needs "
+                         "float16, bfloat16 or float32 weights. Load the checkpoint with weight dtype 'default' (or "
+                         "fp16/bf16) for the erasure; the delta it writes applies to the fp8 model too.")
 
-    total = config.forget_images + (config.preserve_images if preserve else 0)
 
-    def generated(offset: int, what: str):
-        return lambda done, n: progress(ProgressEvent("prepare", offset + done, total, {}, f"generating the {what} set"))
+class TrustRun:
+    """One TRuST run, Algorithm 2: `prepare` generates the forget and retain sets; each `step` re-finds the concept
+    neurons (every `mask_every` steps) and takes one masked update of the delta rows. The benchmark times `step`."""
 
-    progress(ProgressEvent("prepare", 0, total, {}, "generating the forget set"))
-    forget_lat, forget_prompts = generate_latents(parts, deltas.base_call, forget, config.forget_images,
-                                                  config.gen_steps, cfg, gen, config.batch, generated(0, "forget"))
-    retain_lat, retain_prompts = (generate_latents(parts, deltas.base_call, preserve, config.preserve_images,
-                                                   config.gen_steps, cfg, gen, config.batch,
-                                                   generated(config.forget_images, "retain"))
-                                  if preserve else (None, []))
-    forget_cond = parts.encode_text(forget_prompts)
-    anchor_cond = parts.encode_text([anchor_of[p] for p in forget_prompts])
-    retain_cond = parts.encode_text(retain_prompts) if preserve else None
-    first_anchor = merged.concepts[0].anchor
+    def __init__(self, parts: DiffusionParts, merged: MergedConcepts, config: UnlearnConfig,
+                 aligner: Aligner | None, cfg: float, initial_mask: dict[str, torch.Tensor] | None = None) -> None:
+        self.parts, self.merged, self.config, self.aligner, self.cfg = parts, merged, config, aligner, cfg
+        self.forget = list(merged.forget)
+        self.preserve = list(merged.preserve)
+        if config.retain_unconditional and "" not in self.preserve:
+            self.preserve.append("")
+        self.anchor_of = dict(merged.pairs)
+        self.gen = torch.Generator().manual_seed(config.seed)
+        self.sites = find_sites(parts.unet, include_out=config.include_out)
+        self.kinds = {s.name: s.kind for s in self.sites}
+        self.deltas = SiteDeltas(parts.unet, self.sites, trainable=config.projections)
+        self.base_fp = fingerprint(self.deltas.base)
+        self.alphas = parts.alphas_cumprod.to(parts.device)
+        lrs = {n: config.lr if config.lr is not None
+               else config.relative_lr * float(self.deltas.base[n].float().pow(2).mean().sqrt())
+               for n in self.deltas.delta}
+        self.optimizer = MaskedAdam(self.deltas.delta, lrs, self.deltas.base)
+        self.scaler = _LossScale(parts.dtype)
+        self.guard = NanGuard()
+        self.history: list[dict] = []
+        self.mask: dict[str, torch.Tensor] | None = None
+        self.sal: SaliencyResult | None = None
+        self.smooth: dict[str, torch.Tensor] | None = None
+        self.initial_mask = initial_mask is not None
+        if initial_mask is not None:
+            unknown = set(initial_mask) - set(self.kinds)
+            if unknown:
+                raise ValueError(f"the given concept neurons are for another UNet (unknown sites such as {sorted(unknown)[0]})")
+            self.mask = self._allowed({s.name: initial_mask.get(s.name, torch.zeros(s.out_features, dtype=torch.bool))
+                                       .to(parts.device) for s in self.sites})
+        self.stopper = None
+        self.forget_lat = self.retain_lat = None
 
-    stopper = _EarlyStop(parts, deltas, forget, [anchor_of[p] for p in forget], aligner, config, cfg) \
-        if (aligner and config.early_stop is not None) else None
-    optimizer = torch.optim.AdamW(deltas.parameters(), lr=config.lr, weight_decay=0.0)
-    guard = NanGuard()
-    history: list[dict] = []
-    mask: dict[str, torch.Tensor] | None = None
-    sal: SaliencyResult | None = None
-    smooth: dict[str, torch.Tensor] | None = None
-    stopped = False
-    alphas = parts.alphas_cumprod.to(parts.device)
-    step = 0
-    if initial_mask is not None:
-        unknown = set(initial_mask) - {s.name for s in sites}
-        if unknown:
-            raise ValueError(f"the given concept neurons are for another UNet (unknown sites such as {sorted(unknown)[0]})")
-        mask = _allowed({s.name: initial_mask.get(s.name, torch.zeros(s.out_features, dtype=torch.bool))
-                         .to(parts.device) for s in sites}, {s.name: s.kind for s in sites}, config.projections)
-    for step in range(1, config.steps + 1):
+    def _allowed(self, mask: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The mask restricted to the sites that carry a delta (the projection types the config lets change)."""
+        return {n: m if n in self.deltas.delta else torch.zeros_like(m) for n, m in mask.items()}
+
+    def prepare(self, progress: Callable[[ProgressEvent], None] = null_progress) -> None:
+        """Generate the forget and retain sets with the base model and encode their prompts."""
+        config, parts, deltas = self.config, self.parts, self.deltas
+        total = config.forget_images + (config.preserve_images if self.preserve else 0)
+
+        def generated(offset: int, what: str):
+            return lambda done, n: progress(ProgressEvent("prepare", offset + done, total, {}, f"generating the {what} set"))
+
+        progress(ProgressEvent("prepare", 0, total, {}, "generating the forget set"))
+        forget_lat, forget_prompts = generate_latents(parts, deltas.base_call, self.forget, config.forget_images,
+                                                      config.gen_steps, self.cfg, self.gen, config.batch,
+                                                      generated(0, "forget"))
+        retain_lat, retain_prompts = (generate_latents(parts, deltas.base_call, self.preserve, config.preserve_images,
+                                                       config.gen_steps, self.cfg, self.gen, config.batch,
+                                                       generated(config.forget_images, "retain"))
+                                      if self.preserve else (None, []))
+        self.set_data(forget_lat, forget_prompts, retain_lat, retain_prompts)
+        if self.aligner and config.early_stop is not None:
+            self.stopper = _EarlyStop(parts, deltas, self.forget, [self.anchor_of[p] for p in self.forget],
+                                      self.aligner, config, self.cfg)
+
+    def set_data(self, forget_lat, forget_prompts, retain_lat=None, retain_prompts=()) -> None:
+        """The training sets as clean latents and their prompts (prepare() generates them; the benchmark sets them)."""
+        parts = self.parts
+        self.forget_lat, self.retain_lat = forget_lat, retain_lat
+        self.forget_cond = parts.encode_text(list(forget_prompts))
+        self.anchor_cond = parts.encode_text([self.anchor_of.get(p, "") for p in forget_prompts])
+        self.retain_cond = parts.encode_text(list(retain_prompts)) if retain_lat is not None else None
+
+    def train(self, progress: Callable[[ProgressEvent], None], metadata: dict[str, str]) -> UnlearnResult:
+        start = time.time()
+        config = self.config
+        stopped, step = False, 0
+        for step in range(1, config.steps + 1):
+            record = self.step(step)
+            if record.get("skipped"):
+                progress(ProgressEvent("unlearn", step, config.steps, {"loss": float("nan")}, record["message"]))
+                continue
+            if self.stopper and (step % config.eval_every == 0 or step == config.steps):
+                record["forget_score"] = self.stopper.score()
+                stopped = record["forget_score"] <= self.stopper.threshold
+            progress(ProgressEvent("unlearn", step, config.steps,
+                                   {k: v for k, v in record.items() if isinstance(v, float)}, ""))
+            if stopped:
+                break
+        notes = list(self.guard.messages)
+        if self.stopper:
+            final = next((h["forget_score"] for h in reversed(self.history) if "forget_score" in h), float("nan"))
+            notes.append(f"aligner score of the forget prompts {self.stopper.initial:.1f} -> {final:.1f} "
+                         f"(anchor {self.stopper.anchor_score:.1f}; early stop at {self.stopper.threshold:.1f})")
+        moves = [h["row_change"] for h in self.history if h.get("row_change")]
+        if moves:
+            notes.append(f"relative row change per step: median {sorted(moves)[len(moves) // 2]:.2%} of a changed "
+                         f"row's norm (learning rate {self.lr_text()})")
+        sal = self.sal
+        meta = {
+            "method": "trust", "loss": config.loss, "forget": json.dumps(self.forget),
+            "preserve": json.dumps(self.preserve), "anchors": json.dumps(sorted(set(self.anchor_of.values()))),
+            "config": config.to_json(), "steps_run": str(step), "seed": str(config.seed),
+            "engine_version": __version__, "saliency_mode": sal.mode if sal else "", **metadata,
+        }
+        return UnlearnResult(self.deltas.to_delta(meta, self.base_fp), self.history, step, stopped,
+                             time.time() - start, sal, notes, self.stopper.initial if self.stopper else None)
+
+    def lr_text(self) -> str:
+        if self.config.lr is not None:
+            return f"{self.config.lr:g}, absolute"
+        return f"{self.config.relative_lr:g} x each site's weight RMS"
+
+    def refresh_mask(self, step: int) -> None:
+        config = self.config
         refresh = not config.static_mask and config.mask_every > 0 and (step - 1) % config.mask_every == 0
-        if mask is None or (refresh and not (step == 1 and initial_mask is not None)):
-            sal = estimate(parts, deltas, forget, config.saliency, aligner, first_anchor, gen, cfg)
+        if self.mask is None or (refresh and not (step == 1 and self.initial_mask)):
+            sal = estimate(self.parts, self.deltas, self.forget, config.saliency, self.aligner,
+                           self.merged.concepts[0].anchor, self.gen, self.cfg)
             if config.saliency_momentum > 0:
                 m = config.saliency_momentum
-                smooth = {n: v if smooth is None else m * smooth[n] + (1 - m) * v for n, v in sal.scores.items()}
-                z, smoothed_mask = zscore_mask(smooth, sal.kinds, config.saliency.xi)
+                self.smooth = {n: v if self.smooth is None else m * self.smooth[n] + (1 - m) * v
+                               for n, v in sal.scores.items()}
+                z, smoothed_mask = zscore_mask(self.smooth, sal.kinds, config.saliency.xi)
                 sal = dataclasses.replace(sal, z=z, mask=smoothed_mask)
-            mask = _allowed(sal.mask, sal.kinds, config.projections)
-        loss, parts_log = _loss(parts, deltas, mask, config, gen, alphas, forget_lat, forget_cond, anchor_cond,
-                                retain_lat, retain_cond)
-        grads = torch.autograd.grad(loss, deltas.parameters(), allow_unused=True)
-        grads = [torch.zeros_like(d) if g is None else g for g, d in zip(grads, deltas.parameters())]
-        if not guard.check(loss, grads):
-            guard.on_bad_step(optimizer, step)
-            history.append({"step": step, "loss": float("nan"), "neurons": _count(mask), "skipped": True})
-            progress(ProgressEvent("unlearn", step, config.steps, {"loss": float("nan")}, "non-finite loss: step skipped"))
-            continue
-        _masked_step(optimizer, deltas, grads, mask)
+            self.sal = sal
+            self.mask = self._allowed(sal.mask)
+
+    def step(self, step: int) -> dict:
+        """One step of Algorithm 2; returns its history record."""
+        config, deltas = self.config, self.deltas
+        self.refresh_mask(step)
+        mask = self.mask
+        loss, grads, log = _loss_and_grads(self, mask)
+        if not self.scaler.finite(grads) and math.isfinite(loss):
+            # float16 overflow of the scaled gradients: a smaller scale next step; not a divergence
+            record = {"step": step, "loss": float("nan"), "neurons": _count(mask), "skipped": True,
+                      "message": f"float16 gradient overflow: step skipped, loss scale now {self.scaler.scale:g}"}
+            self.history.append(record)
+            return record
+        if not self.guard.check(torch.tensor(loss), list(grads.values())):
+            self.guard.on_bad_step(self.optimizer, step)
+            record = {"step": step, "loss": float("nan"), "neurons": _count(mask), "skipped": True,
+                      "message": "non-finite loss: step skipped"}
+            self.history.append(record)
+            return record
+        change = self.optimizer.step(grads, mask)
         if config.loss == "cip" and config.cip_update == "proximal" and config.beta > 0:
-            _shrink(deltas, mask, optimizer.param_groups[0]["lr"] * config.beta)
-        record = {"step": step, "loss": float(loss.detach()), "neurons": _count(mask), **parts_log}
-        if sal is not None:
-            record["saliency"] = sal.objective
-        if stopper and (step % config.eval_every == 0 or step == config.steps):
-            record["forget_score"] = stopper.score()
-            stopped = record["forget_score"] <= stopper.threshold
-        history.append(record)
-        progress(ProgressEvent("unlearn", step, config.steps,
-                               {k: v for k, v in record.items() if isinstance(v, float)}, ""))
-        if stopped:
-            break
-    notes = list(guard.messages)
-    if stopper:
-        final = next((h["forget_score"] for h in reversed(history) if "forget_score" in h), float("nan"))
-        notes.append(f"aligner score of the forget prompts {stopper.initial:.1f} -> {final:.1f} "
-                     f"(anchor {stopper.anchor_score:.1f}; early stop at {stopper.threshold:.1f})")
-    meta = {
-        "method": "trust", "loss": config.loss, "forget": json.dumps(forget), "preserve": json.dumps(preserve),
-        "anchors": json.dumps(sorted(set(anchor_of.values()))), "config": config.to_json(), "steps_run": str(step),
-        "seed": str(config.seed), "engine_version": __version__, "saliency_mode": sal.mode if sal else "",
-        **metadata,
-    }
-    return UnlearnResult(deltas.to_delta(meta, base_fp), history, step, stopped, time.time() - start, sal, notes,
-                         stopper.initial if stopper else None)
+            _shrink(deltas, mask, {n: g["lr"] * config.beta for n, g in self.optimizer.groups.items()})
+        record = {"step": step, "loss": loss, "neurons": _count(mask), "row_change": change, **log}
+        if self.sal is not None:
+            record["saliency"] = self.sal.objective
+        self.history.append(record)
+        return record
+
+
+class MaskedAdam:
+    """Adam (torch.optim.AdamW's update with no weight decay) that moves only the masked rows of each delta. Written
+    here because torch's optimizers have no row mask: with one, rows outside the current mask would be moved by their
+    stale moments and had to be copied back every step. Moments of unmasked rows decay as if their gradient were 0."""
+
+    def __init__(self, params: dict[str, torch.Tensor], lrs: dict[str, float], base: dict[str, torch.Tensor],
+                 betas=(0.9, 0.999), eps: float = 1e-8):
+        self.params, self.base = params, base
+        self.groups = {n: {"lr": lrs[n]} for n in params}
+        self.param_groups = list(self.groups.values())  # NanGuard scales these learning rates
+        self.betas, self.eps, self.t = betas, eps, 0
+        self.m = {n: torch.zeros_like(p) for n, p in params.items()}
+        self.v = {n: torch.zeros_like(p) for n, p in params.items()}
+
+    @torch.no_grad()
+    def step(self, grads: dict[str, torch.Tensor], mask: dict[str, torch.Tensor]) -> float:
+        """One update; returns the median over changed rows of |row change| / |row of base + delta| (0 if none)."""
+        b1, b2 = self.betas
+        self.t += 1
+        bc1, bc2 = 1 - b1**self.t, 1 - b2**self.t
+        ratios = []
+        for n, d in self.params.items():
+            rows = mask[n]
+            g = grads[n] * rows.view(-1, 1).to(grads[n].dtype)
+            self.m[n].lerp_(g, 1 - b1)
+            self.v[n].mul_(b2).addcmul_(g, g, value=1 - b2)
+            if not rows.any():
+                continue
+            denom = (self.v[n][rows].sqrt() / math.sqrt(bc2)).add_(self.eps)
+            update = -(self.groups[n]["lr"] / bc1) * self.m[n][rows] / denom
+            row = self.base[n][rows].float() + d[rows]
+            ratios.append(update.norm(dim=1) / row.norm(dim=1).clamp_min(1e-12))
+            d[rows] += update
+        if not ratios:
+            return 0.0
+        return float(torch.cat(ratios).median())
+
+
+class _LossScale:
+    """Dynamic loss scaling for float16 models (the policy of torch.amp.GradScaler, which needs a torch optimizer and
+    .grad fields): the loss is multiplied by `scale` before backward and the gradients divided by it; an overflow
+    halves the scale and skips the step, ten good steps double it. bfloat16 and float32 need no scaling (scale 1)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.scale = 2.0**16 if dtype == torch.float16 else 1.0
+        self.active = dtype == torch.float16
+        self.good = 0
+
+    def finite(self, grads: dict[str, torch.Tensor]) -> bool:
+        ok = all(bool(torch.isfinite(g).all()) for g in grads.values())
+        if not self.active:
+            return True
+        if not ok:
+            self.scale /= 2
+            self.good = 0
+        else:
+            self.good += 1
+            if self.good % 10 == 0:
+                self.scale = min(self.scale * 2, 2.0**24)
+        return ok
 
 
 def _count(mask: dict[str, torch.Tensor]) -> int:
     return int(sum(int(m.sum()) for m in mask.values()))
-
-
-def _allowed(mask: dict[str, torch.Tensor], kinds: dict[str, str], projections: str) -> dict[str, torch.Tensor]:
-    """The mask restricted to the projection types the config lets change ('o' stands for to_out)."""
-    letter = {"q": "q", "k": "k", "v": "v", "out": "o"}
-    return {n: m if letter.get(kinds[n], kinds[n]) in projections else torch.zeros_like(m) for n, m in mask.items()}
 
 
 def _noised(latents: torch.Tensor, b: int, alphas: torch.Tensor, gen: torch.Generator, device):
@@ -270,95 +415,170 @@ def _noised(latents: torch.Tensor, b: int, alphas: torch.Tensor, gen: torch.Gene
 
 
 def _eps(parts: DiffusionParts, call, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-    """Noise prediction (float32) of `call` (base or base + delta), whatever the model predicts."""
+    """Noise prediction (float32) of `call` (base or base + delta), whatever the model predicts. The loss is taken in
+    eps space for every prediction type (a choice: a v-model's loss is then the eps-model's loss of the same network)."""
     return parts.eps_from_output(parts.denoise(call, x_t.to(parts.dtype), t, cond).float(), x_t, t)
 
 
-def _loss(parts, deltas, mask, config, gen, alphas, forget_lat, forget_cond, anchor_cond, retain_lat, retain_cond):
+def _micro(config: UnlearnConfig, parts: DiffusionParts, b: int) -> int:
+    if config.micro_batch > 0:
+        return min(config.micro_batch, b)
+    area = parts.latent_shape[-1] * parts.latent_shape[-2]
+    return b if area <= 32 * 32 else 1
+
+
+def _loss_and_grads(run: TrustRun, mask):
     """L_prev (forget: concept prediction -> the base model's anchor prediction, pushed further away from the
-    concept by negative guidance; retain: noise MSE or the base prediction) + beta * R."""
-    b = min(config.batch, forget_lat.shape[0])
-    idx, t, _, x_t = _noised(forget_lat, b, alphas, gen, parts.device)
+    concept by negative guidance; retain: noise MSE or the base prediction) + beta * R, and its gradient in the
+    deltas (unscaled, float32). The batch is processed in micro-batches whose gradients are summed."""
+    parts, deltas, config, gen, alphas = run.parts, run.deltas, run.config, run.gen, run.alphas
+    scale = run.scaler.scale
+    names = list(deltas.delta)
+    grads = {n: torch.zeros_like(d) for n, d in deltas.delta.items()}
+
+    def accumulate(value: torch.Tensor) -> None:
+        got = torch.autograd.grad(value * scale, [deltas.delta[n] for n in names], allow_unused=True)
+        for n, g in zip(names, got):
+            if g is not None:
+                grads[n] += g
+
+    b = min(config.batch, run.forget_lat.shape[0])
+    mb = _micro(config, parts, b)
+    idx, t, _, x_t = _noised(run.forget_lat, b, alphas, gen, parts.device)
     with torch.no_grad():
-        target = _eps(parts, deltas.base_call, x_t, t, anchor_cond[idx])
+        target = _eps(parts, deltas.base_call, x_t, t, run.anchor_cond[idx])
         if config.negative_guidance:
-            concept = _eps(parts, deltas.base_call, x_t, t, forget_cond[idx])
+            concept = _eps(parts, deltas.base_call, x_t, t, run.forget_cond[idx])
             target = target - config.negative_guidance * (concept - target)
-    csr = config.loss == "csr"
-    with sdpa_kernel([SDPBackend.MATH]) if csr else nullcontext():  # fused kernels have no double backward
-        pred = _eps(parts, deltas.call, x_t, t, forget_cond[idx])
-        loss_forget = F.mse_loss(pred, target)
-        loss = loss_forget
-        log = {"forget_loss": float(loss_forget.detach())}
-        if retain_lat is not None and config.alpha > 0:
-            r_idx, r_t, r_target, r_x = _noised(retain_lat, b, alphas, gen, parts.device)
-            r_pred = _eps(parts, deltas.call, r_x, r_t, retain_cond[r_idx])
-            if config.retain_target == "base":
-                with torch.no_grad():
-                    r_target = _eps(parts, deltas.base_call, r_x, r_t, retain_cond[r_idx])
-            loss_retain = F.mse_loss(r_pred, r_target)
-            loss = loss + config.alpha * loss_retain
-            log["retain_loss"] = float(loss_retain.detach())
-        masked = [(d, mask[name]) for name, d in deltas.delta.items() if mask[name].any()]
-        if masked and config.beta > 0:
-            if csr:
-                penalty = _csr_penalty(pred, deltas, masked, gen)
-                loss = loss + config.beta * penalty
-            elif config.cip_update == "gradient":
-                penalty = _cip_penalty(deltas, masked)
-                loss = loss + config.beta * penalty
-            else:  # proximal: applied after the optimizer step (_shrink); logged only
-                with torch.no_grad():
-                    penalty = _cip_penalty(deltas, masked)
-            log["penalty"] = float(penalty.detach())
-    return loss, log
+    retain = run.retain_lat is not None and config.alpha > 0
+    if retain:
+        r_idx, r_t, r_noise, r_x = _noised(run.retain_lat, b, alphas, gen, parts.device)
+        with torch.no_grad():
+            r_target = (_eps(parts, deltas.base_call, r_x, r_t, run.retain_cond[r_idx])
+                        if config.retain_target == "base" else r_noise)
+    masked = {n: mask[n] for n in names if mask[n].any()}
+    csr = config.loss == "csr" and bool(masked) and config.beta > 0
+    v = torch.randn(target.shape, generator=gen).to(parts.device) if csr else None
+    exact_csr = csr and config.csr_hvp == "exact"
+    if exact_csr:
+        mb = b  # the exact penalty squares a sum over the whole batch: one pass
+    csr_grads = {n: torch.zeros_like(deltas.delta[n]) for n in masked} if csr and not exact_csr else None
+    loss_forget = loss_retain = 0.0
+    penalty = None
+    for lo in range(0, b, mb):
+        sl = slice(lo, lo + mb)
+        with _math_attention() if exact_csr else nullcontext():
+            pred = _eps(parts, deltas.call, x_t[sl], t[sl], run.forget_cond[idx[sl]])
+            part = F.mse_loss(pred, target[sl], reduction="sum") / target.numel()
+            loss_forget += float(part.detach())
+            if exact_csr:
+                got = torch.autograd.grad((pred * v[sl]).sum() / b, [deltas.delta[n] for n in masked],
+                                          create_graph=True, allow_unused=True)
+                penalty_t = _masked_square(got, masked)
+                accumulate(part + config.beta * penalty_t)
+                penalty = float(penalty_t.detach())
+            else:
+                if csr:  # the first-order gradient of <v, eps> / batch, for the Hessian-vector product
+                    got = torch.autograd.grad((pred * v[sl]).sum() / b * scale, [deltas.delta[n] for n in masked],
+                                              retain_graph=True, allow_unused=True)
+                    for n, g in zip(masked, got):
+                        if g is not None:
+                            csr_grads[n] += g / scale
+                accumulate(part)
+        if retain:
+            r_pred = _eps(parts, deltas.call, r_x[sl], r_t[sl], run.retain_cond[r_idx[sl]])
+            r_part = F.mse_loss(r_pred, r_target[sl], reduction="sum") / r_target.numel()
+            loss_retain += float(r_part.detach())
+            accumulate(config.alpha * r_part)
+    loss = loss_forget + (config.alpha * loss_retain if retain else 0.0)
+    log = {"forget_loss": loss_forget}
+    if retain:
+        log["retain_loss"] = loss_retain
+    if masked and config.beta > 0:
+        if csr:
+            if not exact_csr:
+                penalty = _csr_finite_difference(run, masked, csr_grads, x_t, t, idx, v, b, mb, grads, scale)
+            loss += config.beta * penalty
+        elif config.cip_update == "gradient":
+            penalty_t = _cip_penalty(deltas, masked)
+            accumulate(config.beta * penalty_t)
+            penalty = float(penalty_t.detach())
+            loss += config.beta * penalty
+        else:  # proximal: applied after the optimizer step (_shrink); logged only
+            with torch.no_grad():
+                penalty = float(_cip_penalty(deltas, masked))
+        log["penalty"] = penalty
+    for n in grads:
+        grads[n] /= scale
+    return loss, grads, log
 
 
-def _cip_penalty(deltas: SiteDeltas, masked) -> torch.Tensor:
+def _math_attention():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])  # the fused kernels have no double backward
+
+
+def _masked_square(grads, masked: dict[str, torch.Tensor]) -> torch.Tensor:
+    """||m * g||^2 / (masked entries): the CSR penalty of the first derivatives g."""
+    total, count = 0.0, 0
+    for g, n in zip(grads, masked):
+        if g is None:
+            continue
+        m = masked[n]
+        total = total + g[m].pow(2).sum()
+        count += int(m.sum()) * g.shape[1]
+    return total / max(1, count)
+
+
+def _csr_finite_difference(run: TrustRun, masked, g, x_t, t, idx, v, b, mb, grads, scale) -> float:
+    """CSR's gradient by a central finite-difference Hessian-vector product: with phi(W) = <v, eps(W)> / batch and
+    u = m * dphi/dW, the penalty P = |u|^2 / count has dP/dW = 2 H_phi u / count ~ (dphi/dW(W + h u) -
+    dphi/dW(W - h u)) / (h * count). Two first-order backward passes, no double backprop."""
+    deltas, config, parts = run.deltas, run.config, run.parts
+    count = sum(int(m.sum()) * deltas.delta[n].shape[1] for n, m in masked.items())
+    u = {n: g[n] * masked[n].view(-1, 1) for n in masked}
+    penalty = sum(float(u[n].pow(2).sum()) for n in u) / max(1, count)
+    u_norm = math.sqrt(sum(float(x.pow(2).sum()) for x in u.values()))
+    if u_norm == 0:
+        return penalty
+    with torch.no_grad():
+        w_norm = math.sqrt(sum(float((deltas.base[n][m].float() + deltas.delta[n][m]).pow(2).sum())
+                               for n, m in masked.items()))
+    h = config.csr_fd_step * max(w_norm, 1e-12) / u_norm
+    sides = []
+    for sign in (1.0, -1.0):
+        deltas.offset = {n: sign * h * u[n] for n in u}
+        try:
+            side = {n: torch.zeros_like(u[n]) for n in u}
+            for lo in range(0, b, mb):
+                sl = slice(lo, lo + mb)
+                pred = _eps(parts, deltas.call, x_t[sl], t[sl], run.forget_cond[idx[sl]])
+                got = torch.autograd.grad((pred * v[sl]).sum() / b * scale, [deltas.delta[n] for n in u],
+                                          allow_unused=True)
+                for n, gg in zip(u, got):
+                    if gg is not None:
+                        side[n] += gg
+        finally:
+            deltas.offset = {}
+        sides.append(side)
+    for n in u:
+        grads[n] += config.beta * (sides[0][n] - sides[1][n]) / (h * max(1, count))
+    return penalty
+
+
+def _cip_penalty(deltas: SiteDeltas, masked: dict[str, torch.Tensor]) -> torch.Tensor:
     """CIP: mean |W| over the concept neurons' rows of the effective weights (an L1 surrogate of switching them off)."""
     total, count = 0.0, 0
-    for name, d in deltas.delta.items():
-        m = next((mm for dd, mm in masked if dd is d), None)
-        if m is None:
-            continue
+    for name, m in masked.items():
+        d = deltas.delta[name]
         w = deltas.base[name][m].float() + d[m]
         total = total + w.abs().sum()
         count += w.numel()
     return total / max(1, count)
 
 
-def _csr_penalty(pred: torch.Tensor, deltas: SiteDeltas, masked, gen) -> torch.Tensor:
-    """CSR: ||m * d<v, eps>/dW||^2 with a fresh v ~ N(0, I): a random projection of the Jacobian's Frobenius norm,
-    whose gradient is a Hessian-vector product (double backprop)."""
-    v = torch.randn(pred.shape, generator=gen).to(pred.device)
-    tensors = [d for d, _ in masked]
-    grads = torch.autograd.grad((pred * v).sum() / pred.shape[0], tensors, create_graph=True, allow_unused=True)
-    total, count = 0.0, 0
-    for g, (_, m) in zip(grads, masked):
-        if g is None:
-            continue
-        total = total + g[m].pow(2).sum()
-        count += int(m.sum()) * g.shape[1]
-    return total / max(1, count)
-
-
-def _masked_step(optimizer: torch.optim.Optimizer, deltas: SiteDeltas, grads, mask) -> None:
-    """Update only the concept neurons' rows: gradients of other rows are zeroed, and after the optimizer step
-    those rows are restored, so Adam's moments from earlier steps cannot move a row outside the current mask."""
-    with torch.no_grad():
-        before = {}
-        for (name, d), g in zip(deltas.delta.items(), grads):
-            m = mask[name].view(-1, 1)
-            d.grad = g * m
-            before[name] = d.detach().clone()
-        optimizer.step()
-        for name, d in deltas.delta.items():
-            keep = ~mask[name]
-            d[keep] = before[name][keep]
-            d.grad = None
-
-
-def _shrink(deltas: SiteDeltas, mask, amount: float) -> None:
+def _shrink(deltas: SiteDeltas, mask, amounts: dict[str, float]) -> None:
     """Proximal step of the L1 (CIP) term on the concept neurons' rows of base + delta: every entry moves `amount`
     towards zero and stops there (soft thresholding), decoupled from Adam's scaling as AdamW decouples weight decay."""
     with torch.no_grad():
@@ -367,7 +587,7 @@ def _shrink(deltas: SiteDeltas, mask, amount: float) -> None:
             if not rows.any():
                 continue
             w = deltas.base[name][rows].float() + d[rows]
-            shrunk = w.sign() * (w.abs() - amount).clamp_min(0)
+            shrunk = w.sign() * (w.abs() - amounts[name]).clamp_min(0)
             d[rows] = shrunk - deltas.base[name][rows].float()
 
 

@@ -74,17 +74,17 @@ class TrustProbeFailNextRun:
 
     def arm(self, armed):
         engine = next(m for name, m in sys.modules.items() if name.endswith(".trust_engine.unlearn"))
-        original = engine._masked_step
+        original = engine.MaskedAdam.step
         calls = {"n": 0}
 
         def failing(*args, **kwargs):
             calls["n"] += 1
             if calls["n"] == 2:
-                engine._masked_step = original
+                engine.MaskedAdam.step = original
                 raise RuntimeError("tier-2 injected failure in the middle of training")
             return original(*args, **kwargs)
 
-        engine._masked_step = failing
+        engine.MaskedAdam.step = failing
         return {"ui": {"armed": [True]}}
 
 
