@@ -10,7 +10,7 @@ from trust_engine import concepts, unlearn
 from trust_engine.delta import BaseMismatchError, Delta, fingerprint
 from trust_engine.functional import SiteDeltas
 from trust_engine.progress import Interrupted, stop_flag_callback
-from trust_engine.saliency import SaliencyConfig, estimate
+from trust_engine.saliency import SaliencyConfig, estimate, guided_output, zscore_mask
 from trust_engine.unet_view import UnknownArchitectureError, find_sites, site_weights
 
 TINY = dict(steps=3, forget_images=4, preserve_images=4, gen_steps=4, batch=2, early_stop=None,
@@ -75,50 +75,57 @@ def test_masked_updates_touch_only_concept_neuron_rows(testbed):
         assert mask[name][rows.rows].all(), name
 
 
-def test_csr_penalty_gradient_matches_finite_differences():
-    torch.manual_seed(0)
-    w0 = torch.randn(5, 4, dtype=torch.float64)
-    x = torch.randn(3, 4, dtype=torch.float64)
-    head = torch.randn(2, 5, dtype=torch.float64)
-    mask = torch.tensor([True, False, True, True, False])
-
-    class Toy:
-        def __init__(self):
-            self.delta = {"site": torch.zeros(5, 4, dtype=torch.float64, requires_grad=True)}
-            self.base = {"site": w0}
-
-    toy = Toy()
-
-    def penalty(d):
-        toy.delta["site"] = d
-        pred = torch.tanh(x @ (w0 + d).T) @ head.T  # a small nonlinear "noise predictor"
-        gen = torch.Generator().manual_seed(1)
-        return unlearn._csr_penalty(pred, toy, [(d, mask)], gen)
-
-    d = (0.1 * torch.randn(5, 4, dtype=torch.float64)).requires_grad_(True)
-    (grad,) = torch.autograd.grad(penalty(d), d)
-    numeric = torch.zeros_like(d)
-    eps = 1e-6
-    for i in range(5):
-        for j in range(4):
-            e = torch.zeros_like(d)
-            e[i, j] = eps
-            plus = (d + e).detach().requires_grad_(True)  # the penalty itself differentiates w.r.t. its input
-            minus = (d - e).detach().requires_grad_(True)
-            numeric[i, j] = (penalty(plus) - penalty(minus)).detach() / (2 * eps)
-    assert torch.allclose(grad, numeric, rtol=1e-5, atol=1e-8)
-    assert grad.abs().sum() > 0
-
-
-def test_saliency_finds_outlier_rows_per_projection_type(testbed):
+def test_saliency_runs_in_both_modes(testbed):
     pipe, parts, aligner = testbed
     deltas = SiteDeltas(pipe.unet, find_sites(pipe.unet))
     result = estimate(parts, deltas, ["a triangle"], SaliencyConfig(steps=6), aligner, cfg=3.0)
-    rows = sum(m.numel() for m in result.mask.values())
-    assert 0 < result.total() < 0.2 * rows
-    assert set(result.kinds.values()) == {"q", "k", "v"}
+    assert set(result.kinds.values()) == {"q", "k", "v"} and result.mode == "clip"
     noise = estimate(parts, deltas, ["a triangle"], SaliencyConfig(steps=6, mode="noise"), None, anchor="", cfg=3.0)
     assert noise.mode == "noise" and noise.total() > 0
+
+
+def test_zscore_mask_flags_planted_outliers_per_projection_type():
+    """z-scores are taken within each projection type: a row that is an outlier among K rows is flagged even though
+    Q rows are larger everywhere, and nothing else is."""
+    g = torch.Generator().manual_seed(0)
+    scores = {"a.to_q": 10 + torch.rand(50, generator=g), "a.to_k": torch.rand(50, generator=g),
+              "b.to_k": torch.rand(50, generator=g)}
+    scores["b.to_k"][7] = 5.0
+    scores["a.to_q"][3] = 30.0
+    kinds = {"a.to_q": "q", "a.to_k": "k", "b.to_k": "k"}
+    z, mask = zscore_mask(scores, kinds, 2.0)
+    assert mask["b.to_k"].nonzero().flatten().tolist() == [7]
+    assert mask["a.to_q"].nonzero().flatten().tolist() == [3]
+    assert not mask["a.to_k"].any()
+    assert float(z["b.to_k"][7]) > 2.0
+
+
+def test_saliency_scores_are_the_gradient_of_the_clip_score(testbed):
+    """The image-by-image, three-graph saliency equals one joint backward of the mean CLIP score of x0-hat."""
+    pipe, parts, aligner = testbed
+    deltas = SiteDeltas(pipe.unet, find_sites(pipe.unet))
+    config = SaliencyConfig(steps=6, images=2, stop_range=(0.5, 0.5))
+    result = estimate(parts, deltas, ["a triangle"], config, aligner, generator=torch.Generator().manual_seed(2),
+                      cfg=3.0)
+    gen = torch.Generator().manual_seed(2)
+    torch.randint(0, 2**31 - 1, (1,), generator=gen)  # the estimate's prompt/stop-point seed
+    latents = torch.randn((2, *parts.latent_shape), generator=gen)
+    cond, uncond = parts.encode_text(["a triangle"] * 2), parts.encode_text([""] * 2)
+    sched = parts.ddim(6)
+    k_stop = int(0.5 * 5)
+    with torch.no_grad():
+        for t in sched.timesteps[:k_stop]:
+            latents = sched.step(guided_output(parts, deltas.call, latents, t, cond, uncond, 3.0), t, latents).prev_sample
+    t = sched.timesteps[k_stop]
+    with deltas.probing() as probes:
+        out = guided_output(parts, deltas.call, latents, t, cond, uncond, 3.0)
+        x0 = parts.x0_from_output(out, latents, int(t))
+        objective = aligner.score(parts.decode(x0), ["a triangle"] * 2).mean()
+        grads = torch.autograd.grad(objective, list(probes.values()))
+        joint = {name: g.abs().mean(1) for name, g in zip(probes, grads)}
+    assert abs(result.objective - float(objective)) < 1e-3
+    for name, score in joint.items():
+        assert torch.allclose(result.scores[name], score, rtol=1e-3, atol=1e-9), name
 
 
 @pytest.mark.slow
