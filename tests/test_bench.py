@@ -1,12 +1,36 @@
-"""bench-scale's harness on a tiny UNet: every method runs a step, counts FLOPs, and TRuST trains a small share."""
+"""bench-scale's harness on a tiny UNet: every method runs a step, TRuST's is the engine's own and trains a small
+share, and the runner reports ratios and per-sample slopes."""
 
 import torch
 
-from trust_engine import bench
+from trust_engine import bench, unlearn
 
 
-def test_every_method_measures_a_step_on_a_tiny_unet():
+def test_every_method_measures_a_step_on_a_tiny_unet(monkeypatch):
+    calls = []
+    original = unlearn.TrustRun.step
+    monkeypatch.setattr(unlearn.TrustRun, "step", lambda self, i: calls.append(i) or original(self, i))
     rows = {m: bench.measure_one("tiny", m, 1, "cpu", torch.float32) for m in bench.METHODS}
-    assert all(r["flops"] > 0 and r["cpu_s"] > 0 for r in rows.values())
+    assert all(r["flops"] > 0 and r["cpu_s"] > 0 and r["weights_bytes"] > 0 for r in rows.values())
     assert rows["trust_cip"]["trainable"] < 0.1 * rows["full_ft"]["trainable"]
-    assert rows["trust_csr"]["flops"] > rows["trust_cip"]["flops"]  # the double backprop costs extra
+    assert rows["trust_csr"]["flops"] > rows["trust_cip"]["flops"]  # the Hessian-vector product costs extra passes
+    assert len(calls) == 4, "TRuST's step is the engine's own TrustRun.step (counted + timed, for CIP and CSR)"
+    assert rows["trust_cip"]["weights_bytes"] > rows["full_ft"]["weights_bytes"]  # + the VAE and the aligner
+
+
+def test_runner_gives_ratios_and_per_sample_slopes(monkeypatch):
+    import json
+    import subprocess
+
+    def fake(cmd, **_):
+        arch, method, steps, device, dtype, batch = cmd[3:9]
+        peak = {"full_ft": 10.0, "esd": 6.0, "trust_cip": 4.0, "trust_csr": 5.0}[method] + int(batch)
+        row = {"arch": arch, "method": method, "batch": int(batch), "flops": 1.0, "peak_bytes": peak,
+               "trainable": 1, "weights_bytes": 1, "cpu_s": 1.0, "wall_s": 1.0}
+        return subprocess.CompletedProcess(cmd, 0, json.dumps(row) + "\n", "")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake)
+    rows = bench.run(["tiny"], 1, "cpu", "float32", progress=lambda m: None, batches=(1, 2))
+    cip2 = next(r for r in rows if r["method"] == "trust_cip" and r["batch"] == 2)
+    assert cip2["peak_bytes_vs_full_ft"] == 6.0 / 12.0
+    assert cip2["peak_bytes_per_sample"] == 1.0

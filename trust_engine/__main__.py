@@ -276,20 +276,27 @@ def torch_threads() -> int:
 def cmd_bench_scale(args: argparse.Namespace) -> int:
     import torch
 
-    from .bench import run
+    from .bench import METHODS, run
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("float16" if device == "cuda" else "float32")
-    rows = run(args.arch, args.steps, device, dtype, progress=lambda m: print(m, file=sys.stderr))
+    rows = run(args.arch, args.steps, device, dtype, progress=lambda m: print(m, file=sys.stderr),
+               batches=args.batch, latent=args.latent, methods=args.methods or METHODS)
     if args.json:
         print(json.dumps(rows))
         return 0
-    print(f"device {device}, {dtype}, batch 1, {args.steps} timed step(s) after one counted warm-up")
-    print(f"{'arch':<6}{'method':<11}{'GFLOP':>10}{'x FT':>7}{'peak GB':>9}{'x FT':>7}{'trainable':>12}{'x FT':>8}{'cpu s':>8}{'x FT':>7}")
+    gib = 2**30
+    print(f"device {device}, {dtype}, {args.steps} timed step(s) after one counted warm-up; batch = forget latents "
+          f"(+ as many retain latents) per step; peak = {'max_memory_allocated' if device == 'cuda' else 'process RSS'}")
+    print(f"{'arch':<6}{'batch':>6} {'method':<10}{'TFLOP':>8}{'x FT':>7}{'peak GiB':>9}{'x FT':>7}{'weights':>8}"
+          f"{'above':>7}{'GiB/sample':>11}{'trainable':>13}{'cpu s':>8}{'x FT':>7}")
     for r in rows:
-        print(f"{r['arch']:<6}{r['method']:<11}{r['flops'] / 1e9:>10.1f}{r['flops_vs_full_ft']:>7.2f}"
-              f"{r['peak_bytes'] / 2**30:>9.2f}{r['peak_bytes_vs_full_ft']:>7.2f}{r['trainable']:>12,}"
-              f"{r['trainable_vs_full_ft']:>8.4f}{r['cpu_s']:>8.1f}{r['cpu_s_vs_full_ft']:>7.2f}")
+        slope = r.get("peak_bytes_per_sample")
+        print(f"{r['arch']:<6}{r['batch']:>6} {r['method']:<10}{r['flops'] / 1e12:>8.2f}{r['flops_vs_full_ft']:>7.2f}"
+              f"{r['peak_bytes'] / gib:>9.2f}{r['peak_bytes_vs_full_ft']:>7.2f}{r['weights_bytes'] / gib:>8.2f}"
+              f"{(r['peak_bytes'] - r['weights_bytes']) / gib:>7.2f}"
+              f"{(slope / gib if slope is not None else float('nan')):>11.2f}{r['trainable']:>13,.0f}"
+              f"{r['cpu_s']:>8.1f}{r['cpu_s_vs_full_ft']:>7.2f}  {r.get('note', '')}")
     return 0
 
 
@@ -369,6 +376,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=1, help="timed steps per method after the counted one (default 1; 0 = time the counted step)")
     p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
     p.add_argument("--dtype", help="float32 / float16 / bfloat16 (default: float16 on CUDA, else float32)")
+    p.add_argument("--batch", nargs="+", type=int, default=[1], help="forget latents per step (as many retain "
+                   "latents); several: the per-sample slope of peak memory is reported (default 1)")
+    p.add_argument("--latent", type=int, help="latent size (default: the architecture's, 64 SD1.5, 128 SDXL)")
+    p.add_argument("--methods", nargs="+", choices=("full_ft", "esd", "trust_cip", "trust_csr"),
+                   help="(default all; full_ft first, the ratios' reference)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=cmd_bench_scale)
 

@@ -47,13 +47,16 @@ ARCHS = {
 METHODS = ("full_ft", "esd", "trust_cip", "trust_csr")
 
 
-def _models(arch: str, device, dtype):
+def _models(arch: str, device, dtype, aligner: bool = True):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPConfig, CLIPModel
 
     spec = ARCHS[arch]
     with torch.device(device):  # built where it runs: on "meta" nothing is allocated (FLOPs only)
         unet = UNet2DConditionModel(**spec["unet"]).to(dtype)
+    if not aligner:  # full fine-tuning and ESD need no VAE or CLIP: they are not in those processes
+        _BUILT[:] = [unet]
+        return unet, None, None, 0
     if spec.get("tiny"):
         vae = AutoencoderKL(block_out_channels=(16, 16), down_block_types=("DownEncoderBlock2D",) * 2,
                             up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8, latent_channels=4)
@@ -71,13 +74,16 @@ def _models(arch: str, device, dtype):
         image_size = 224
     if device.type == "meta":
         vae, clip = vae.to_empty(device=device), clip.to_empty(device=device)
-    return unet, vae.to(device, dtype).requires_grad_(False), clip.to(device, dtype).requires_grad_(False), image_size
+    vae, clip = vae.to(device, dtype).requires_grad_(False), clip.to(device, dtype).requires_grad_(False)
+    _BUILT[:] = [unet, vae, clip]
+    return unet, vae, clip, image_size
 
 
-def _inputs(arch: str, unet, device, dtype, batch: int = 1):
+def _inputs(arch: str, unet, device, dtype, batch: int = 1, latent: int | None = None):
     spec = ARCHS[arch]
     g = torch.Generator().manual_seed(0)
-    latents = torch.randn(batch, 4, spec["latent"], spec["latent"], generator=g).to(device, dtype)
+    latent = latent or spec["latent"]
+    latents = torch.randn(batch, 4, latent, latent, generator=g).to(device, dtype)
     cond = torch.randn(batch, *spec["text"], generator=g).to(device, dtype)
     kwargs = {}
     if unet.config.addition_embed_type == "text_time":
@@ -86,30 +92,84 @@ def _inputs(arch: str, unet, device, dtype, batch: int = 1):
     return latents, cond, kwargs
 
 
-def make_step(arch: str, method: str, device, dtype, saliency_steps: int = 5, esd_steps: int = 25):
-    """A closure running one training step of `method`, and its trainable-parameter count."""
-    from .functional import SiteDeltas
-    from .unet_view import find_sites
+def _engine_parts(arch: str, unet, vae, clip, image_size: int, device, dtype, latent: int):
+    """DiffusionParts and an Aligner around the random-init models, so the benchmark runs the engine's own step."""
+    from .parts import Aligner, DiffusionParts
 
-    unet, vae, clip, image_size = _models(arch, device, dtype)
+    spec = ARCHS[arch]
+    g = torch.Generator().manual_seed(1)
+    table: dict[str, torch.Tensor] = {}
+
+    def encode_text(prompts: list[str]) -> torch.Tensor:
+        for p in prompts:
+            if p not in table:
+                table[p] = torch.randn(1, *spec["text"], generator=g).to(device, dtype)
+        return torch.cat([table[p] for p in prompts])
+
+    def denoise(unet_call, latents, t, cond):
+        n = latents.shape[0]
+        extra = {}
+        if unet.config.addition_embed_type == "text_time":
+            extra["added_cond_kwargs"] = {"text_embeds": torch.zeros(n, 1280, device=device, dtype=dtype),
+                                          "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * n,
+                                                                   device=device, dtype=dtype)}
+        return unet_call(latents, t, encoder_hidden_states=cond, return_dict=False, **extra)[0]
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        return ((vae.decode(latents.to(dtype) / 0.18215).sample + 1) / 2).clamp(0, 1)
+
+    schedule = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+    parts = DiffusionParts(unet=unet, denoise=denoise, encode_text=encode_text, decode=decode,
+                           scheduler_config=schedule, latent_shape=(4, latent, latent), device=device, dtype=dtype,
+                           name=f"random-init {arch}")
+    tokenizer = _tokenizer()
+    aligner = Aligner(clip, tokenizer, [0.481, 0.458, 0.408], [0.269, 0.261, 0.276], image_size)
+    return parts, aligner
+
+
+def _tokenizer():
+    """The testbed aligner's tokenizer: token ids are all a random-init CLIP needs."""
+    from transformers import CLIPTokenizer
+
+    from .testbed import paths
+
+    return CLIPTokenizer.from_pretrained(paths.ALIGNER)
+
+
+def make_step(arch: str, method: str, device, dtype, saliency_steps: int = 10, esd_steps: int = 25, batch: int = 1,
+              latent: int | None = None):
+    """A closure running one training step of `method` at `batch` forget (+ `batch` retain) latents, and its
+    trainable-parameter count. TRuST's step is the engine's own (`TrustRun.step`: saliency, loss, masked update)."""
+    from . import concepts
+    from .saliency import SaliencyConfig
+    from .unlearn import TrustRun, config_for
+
+    unet, vae, clip, image_size = _models(arch, device, dtype, aligner=method.startswith("trust"))
     unet.requires_grad_(False)
-    x, cond, kw = _inputs(arch, unet, device, dtype)
-    t = torch.tensor([500], device=device)
+    latent = latent or ARCHS[arch]["latent"]
+    x, cond, kw = _inputs(arch, unet, device, dtype, batch, latent)
+    t = torch.full((batch,), 500, device=device)
 
     def call(fn, latents, c):
         n = latents.shape[0]
-        extra = {k: {kk: vv.expand(n, *vv.shape[1:]) for kk, vv in v.items()} for k, v in kw.items()}
-        return fn(latents, t.expand(n), encoder_hidden_states=c.expand(n, -1, -1), return_dict=False, **extra)[0]
+        extra = {k: {kk: vv[:1].expand(n, *vv.shape[1:]) for kk, vv in v.items()} for k, v in kw.items()}
+        return fn(latents, t[:1].expand(n), encoder_hidden_states=c[:1].expand(n, -1, -1), return_dict=False,
+                  **extra)[0]
 
-    if method == "full_ft":
+    if method == "full_ft":  # SalUn-style without a mask: forget + retain batch, AdamW over every UNet weight
         params = [p for p in unet.parameters()]
         for p in params:
             p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(params, lr=1e-5)
+        retain_x = torch.randn_like(x)
 
         def step():
             loss = F.mse_loss(call(unet, x, cond).float(), torch.randn_like(x).float())
-            grads = torch.autograd.grad(loss, params)
-            return grads
+            loss = loss + 0.5 * F.mse_loss(call(unet, retain_x, cond).float(), torch.randn_like(x).float())
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
         return step, sum(p.numel() for p in params)
 
@@ -117,78 +177,59 @@ def make_step(arch: str, method: str, device, dtype, saliency_steps: int = 5, es
         params = [p for n, p in unet.named_parameters() if "attn2" in n]
         for p in params:
             p.requires_grad_(True)
+        optimizer = torch.optim.Adam(params, lr=1e-5)
 
         def step():
             latents = x
             with torch.no_grad():
                 for _ in range(esd_steps):  # DDIM steps to a random t (mean of U{0..50}); CFG = 2 passes
                     both = call(unet, torch.cat([latents, latents]), torch.cat([cond, torch.zeros_like(cond)]))
-                    latents = latents - 0.01 * both[:1]
+                    latents = latents - 0.01 * both[:batch]
                 e_u = call(unet, latents, torch.zeros_like(cond))
                 e_c = call(unet, latents, cond)
                 target = e_u - 1.0 * (e_c - e_u)
             loss = F.mse_loss(call(unet, latents, cond).float(), target.float())
-            return torch.autograd.grad(loss, params)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
         return step, sum(p.numel() for p in params)
 
-    # TRuST: saliency through VAE decode + CLIP score, then the masked-row loss (+ CIP or CSR)
-    sites = find_sites(unet)
-    deltas = SiteDeltas(unet, sites)
-    mean = torch.tensor([0.481, 0.458, 0.408], device=device, dtype=dtype).view(1, 3, 1, 1)
-    ids = torch.zeros(1, 8, dtype=torch.long, device=device)
-    csr = method == "trust_csr"
+    parts, aligner = _engine_parts(arch, unet, vae, clip, image_size, device, dtype, latent)
+    loss = "csr" if method == "trust_csr" else "cip"
+    config = config_for(loss, batch=batch, early_stop=None, saliency=SaliencyConfig(steps=saliency_steps))
+    merged = concepts.merge([concepts.expand("a cat", "individual", preserve=["a dog"])])
+    run = TrustRun(parts, merged, config, aligner, cfg=7.5)
+    g = torch.Generator().manual_seed(2)
+    run.set_data(torch.randn(batch, 4, latent, latent, generator=g).to(device),
+                 ["a cat"] * batch, torch.randn(batch, 4, latent, latent, generator=g).to(device),
+                 ["a dog"] * batch)
 
     def step():
-        latents = x
-        with torch.no_grad():
-            for _ in range(saliency_steps):
-                both = call(deltas.call, torch.cat([latents, latents]), torch.cat([cond, torch.zeros_like(cond)]))
-                latents = latents - 0.01 * both[:1]
-        eps = call(deltas.call, torch.cat([latents, latents]), torch.cat([cond, torch.zeros_like(cond)]))
-        x0 = latents - 0.5 * (eps[:1] + 7.5 * (eps[:1] - eps[1:]))
-        image = vae.decode(x0 / 0.18215).sample
-        image = F.interpolate(image, size=(image_size, image_size), mode="bicubic", align_corners=False)
-        score = F.cosine_similarity(features_of(clip.get_image_features(pixel_values=image - mean)),
-                                    features_of(clip.get_text_features(input_ids=ids)), dim=-1).sum()
-        sal = torch.autograd.grad(score, deltas.parameters(), allow_unused=True)
-        mask = {s.name: (g.abs().mean(1) > g.abs().mean(1).mean() + 2 * g.abs().mean(1).std()) if g is not None
-                else torch.zeros(s.out_features, dtype=torch.bool, device=device) for s, g in zip(sites, sal)}
-        with sdpa_kernel([SDPBackend.MATH]) if csr else nullcontext():
-            pred = call(deltas.call, x, cond).float()
-            with torch.no_grad():
-                target = call(deltas.base_call, x, torch.zeros_like(cond)).float()
-            retain = call(deltas.call, x, cond).float()
-            loss = F.mse_loss(pred, target) + 0.5 * F.mse_loss(retain, torch.randn_like(retain))
-            masked = [(deltas.delta[s.name], mask[s.name]) for s in sites]
-            if csr:
-                v = torch.randn_like(pred)
-                gs = torch.autograd.grad((pred * v).sum(), [d for d, _ in masked], create_graph=True, allow_unused=True)
-                # masks multiply rather than index, so the step also runs on the meta device (FLOPs only)
-                loss = loss + 0.02 * sum((g * m[:, None]).pow(2).sum() for g, (_, m) in zip(gs, masked) if g is not None)
-            else:
-                loss = loss + 0.1 * sum(((deltas.base[s.name].float() + deltas.delta[s.name]) * mask[s.name][:, None]).abs().sum()
-                                        for s in sites)
-        return torch.autograd.grad(loss, deltas.parameters(), allow_unused=True)
+        run.step(1)  # step 1: the concept neurons are found again, as at every step by default
 
-    return step, sum(s.out_features * s.in_features for s in sites)
+    return step, sum(d.numel() for d in run.deltas.delta.values())
 
 
-def measure_one(arch: str, method: str, steps: int, device: str, dtype: torch.dtype) -> dict:
+def measure_one(arch: str, method: str, steps: int, device: str, dtype: torch.dtype, batch: int = 1,
+                latent: int | None = None) -> dict:
     """FLOPs of one step, then time and peak memory over `steps` more (0: time the counted step itself, which
     includes the FLOP counter's overhead; for machines where a step takes minutes)."""
-    step, trainable = make_step(arch, method, torch.device(device), dtype)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    step, trainable = make_step(arch, method, torch.device(device), dtype, batch=batch, latent=latent)
+    weights = sum(t.numel() * t.element_size() for t in _weights_seen())
     cpu0, wall0 = time.process_time(), time.perf_counter()
     with FlopCounterMode(display=False) as counter:
-        step()  # also the warm-up
+        step()  # also the warm-up (and, for AdamW, the creation of its state)
+    row = {"arch": arch, "method": method, "batch": batch, "latent": latent or ARCHS[arch]["latent"],
+           "flops": counter.get_total_flops(), "trainable": trainable, "weights_bytes": weights, "device": device,
+           "dtype": str(dtype), "steps": steps}
     if device == "meta":  # shapes only: FLOPs and parameter counts, no time or memory
-        return {"arch": arch, "method": method, "flops": counter.get_total_flops(), "peak_bytes": float("nan"),
-                "trainable": trainable, "cpu_s": float("nan"), "wall_s": float("nan"), "device": device,
-                "dtype": str(dtype), "steps": 0}
+        return {**row, "peak_bytes": float("nan"), "cpu_s": float("nan"), "wall_s": float("nan"), "steps": 0}
     if steps > 0:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
         cpu0, wall0 = time.process_time(), time.perf_counter()
         for _ in range(steps):
             step()
@@ -198,35 +239,62 @@ def measure_one(arch: str, method: str, steps: int, device: str, dtype: torch.dt
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB; whole process, incl. weights
     timed = max(steps, 1)
-    return {"arch": arch, "method": method, "flops": counter.get_total_flops(), "peak_bytes": peak,
-            "trainable": trainable, "cpu_s": (time.process_time() - cpu0) / timed,
-            "wall_s": (time.perf_counter() - wall0) / timed, "device": device, "dtype": str(dtype), "steps": steps}
+    return {**row, "peak_bytes": peak, "cpu_s": (time.process_time() - cpu0) / timed,
+            "wall_s": (time.perf_counter() - wall0) / timed}
 
 
-def run(archs: list[str], steps: int, device: str, dtype: str, progress=print) -> list[dict]:
-    """Every (arch, method) in its own process; returns the rows with ratios to full_ft added."""
+_BUILT: list[torch.nn.Module] = []
+
+
+def _weights_seen() -> list[torch.Tensor]:
+    return [p for m in _BUILT for p in m.parameters()]
+
+
+def run(archs: list[str], steps: int, device: str, dtype: str, progress=print, batches=(1,),
+        latent: int | None = None, methods=METHODS) -> list[dict]:
+    """Every (arch, batch, method) in its own process; returns the rows with ratios to full_ft at the same arch and
+    batch, and per method the per-sample slope of peak memory between the smallest and largest batch."""
     rows = []
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     for arch in archs:
-        base = None
-        for method in METHODS:
-            progress(f"bench-scale: {arch} {method} ...")
-            cmd = [sys.executable, "-m", "trust_engine.bench", arch, method, str(steps), device, dtype]
-            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-            note = ""
-            if out.returncode != 0 and _out_of_memory(out):
-                note = f"does not fit in this machine's memory on {device}: FLOPs counted on the meta device"
-                progress(f"bench-scale: {arch} {method}: {note}")
-                out = subprocess.run(cmd[:-2] + ["meta", dtype], capture_output=True, text=True,
-                                     env={**os.environ, "PYTHONWARNINGS": "ignore"})
-            if out.returncode != 0:
-                raise RuntimeError(f"bench-scale {arch} {method} failed:\n{out.stderr[-2000:]}")
-            row = json.loads(out.stdout.strip().splitlines()[-1])
-            row["note"] = note
-            base = base or row
-            for key in ("flops", "peak_bytes", "trainable", "cpu_s", "wall_s"):
-                row[f"{key}_vs_full_ft"] = row[key] / base[key] if base[key] else float("nan")
-            rows.append(row)
+        for batch in batches:
+            base = None
+            for method in methods:
+                progress(f"bench-scale: {arch} batch {batch} {method} ...")
+                cmd = [sys.executable, "-m", "trust_engine.bench", arch, method, str(steps), device, dtype, str(batch),
+                       str(latent or 0)]
+                out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                note = ""
+                if out.returncode != 0 and _out_of_memory(out):
+                    note = f"does not fit in this machine's memory on {device}"
+                    progress(f"bench-scale: {arch} {method}: {note}; counting FLOPs on the meta device")
+                    out = subprocess.run(cmd[:4] + ["meta"] + cmd[5:], capture_output=True, text=True, env=env)
+                    if out.returncode != 0:  # the engine's step reads values (losses, norms): not on meta
+                        row = {"arch": arch, "method": method, "batch": batch, "flops": float("nan"),
+                               "peak_bytes": float("nan"), "trainable": float("nan"), "weights_bytes": float("nan"),
+                               "cpu_s": float("nan"), "wall_s": float("nan"), "device": "meta", "note": note}
+                        rows.append(_ratios(row, base))
+                        continue
+                if out.returncode != 0:
+                    raise RuntimeError(f"bench-scale {arch} {method} failed:\n{out.stderr[-2000:]}")
+                row = json.loads(out.stdout.strip().splitlines()[-1])
+                row["note"] = note
+                base = base or row
+                rows.append(_ratios(row, base))
+    for row in rows:
+        same = [r for r in rows if r["arch"] == row["arch"] and r["method"] == row["method"]
+                and r["peak_bytes"] == r["peak_bytes"]]
+        if len({r["batch"] for r in same}) > 1:
+            lo, hi = min(same, key=lambda r: r["batch"]), max(same, key=lambda r: r["batch"])
+            row["peak_bytes_per_sample"] = (hi["peak_bytes"] - lo["peak_bytes"]) / (hi["batch"] - lo["batch"])
     return rows
+
+
+def _ratios(row: dict, base: dict | None) -> dict:
+    for key in ("flops", "peak_bytes", "trainable", "cpu_s", "wall_s"):
+        value, ref = row.get(key, float("nan")), (base or {}).get(key, float("nan"))
+        row[f"{key}_vs_full_ft"] = value / ref if ref and ref == ref else float("nan")
+    return row
 
 
 def _out_of_memory(out: subprocess.CompletedProcess) -> bool:
@@ -236,6 +304,7 @@ def _out_of_memory(out: subprocess.CompletedProcess) -> bool:
 
 
 if __name__ == "__main__":
-    arch, method, steps, device, dtype = sys.argv[1:6]
+    arch, method, steps, device, dtype, batch, latent = sys.argv[1:8]
     torch.manual_seed(0)
-    print(json.dumps(measure_one(arch, method, int(steps), device, getattr(torch, dtype))))
+    print(json.dumps(measure_one(arch, method, int(steps), device, getattr(torch, dtype), int(batch),
+                                 int(latent) or None)))
