@@ -13,14 +13,10 @@ import resource
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
-
-from .parts import features_of
 
 ARCHS = {
     "sd15": dict(
