@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ..trust_engine.functional import checkpoint_blocks
 from ..trust_engine.parts import DiffusionParts
 from ..trust_engine.progress import ProgressEvent
 from ..trust_engine.unet_view import UnknownArchitectureError, find_sites
@@ -69,13 +70,20 @@ def scheduler_config(model) -> dict:
     }
 
 
-def _private_copy(module: torch.nn.Module) -> torch.nn.Module:
+_FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+             if hasattr(torch, n))
+
+
+def _private_copy(module: torch.nn.Module, compute_dtype: torch.dtype | None = None) -> torch.nn.Module:
     """A private, frozen copy with ordinary (non-inference) tensors: ComfyUI loads weights under inference mode, and
-    autograd may not save inference tensors; training on a copy also means the shared module is never touched."""
+    autograd may not save inference tensors; training on a copy also means the shared module is never touched.
+    fp8-stored weights (ComfyUI's weight_dtype fp8 options) are up-cast to the compute dtype in the copy."""
     with torch.inference_mode(False), torch.no_grad():
         private = copy.deepcopy(module)
         for name, p in list(private.named_parameters()):
-            if p.is_inference():
+            if compute_dtype is not None and p.dtype in _FP8:
+                _set(private, name, torch.nn.Parameter(p.to(compute_dtype), requires_grad=False))
+            elif p.is_inference():
                 _set(private, name, torch.nn.Parameter(p.clone(), requires_grad=False))
         for name, b in list(private.named_buffers()):
             if b.is_inference():
@@ -111,9 +119,17 @@ def comfy_parts(model, clip, vae, resolution: int = 0, need_decoder: bool = True
     size = resolution or NATIVE_RESOLUTION[family]
     if size % 8:
         raise HostModelError(f"resolution must be a multiple of 8, got {size}")
+    need = training_memory(model, size)
     try:
-        mm.load_models_gpu([model], force_full_load=True)
-        unet = _private_copy(model.model.diffusion_model)
+        # model management frees other models for the weights plus what training needs; after the private copy is
+        # made, the host's own UNet may be offloaded too (it is not used while training)
+        mm.load_models_gpu([model], memory_required=need, force_full_load=True)
+        base_model = model.model
+        compute_dtype = getattr(base_model, "manual_cast_dtype", None)
+        unet = _private_copy(model.model.diffusion_model, compute_dtype)
+        free = getattr(mm, "free_memory", None)
+        if free is not None:
+            free(need, next(unet.parameters()).device)
         try:
             find_sites(unet)
         except UnknownArchitectureError as e:
@@ -122,7 +138,8 @@ def comfy_parts(model, clip, vae, resolution: int = 0, need_decoder: bool = True
         if need_decoder:
             mm.load_models_gpu([vae.patcher], force_full_load=True)
             decoder = _private_copy(vae.first_stage_model)
-        base_model = model.model
+            # the saliency's differentiable decode keeps one resnet block's activations at a time
+            checkpoint_blocks(decoder, lambda m: type(m).__name__ in ("ResnetBlock", "AttnBlock"))
         latent_format = base_model.latent_format
         device = next(unet.parameters()).device
         dtype = getattr(base_model, "manual_cast_dtype", None) or next(unet.parameters()).dtype
@@ -167,6 +184,24 @@ def comfy_parts(model, clip, vae, resolution: int = 0, need_decoder: bool = True
     finally:
         unet = decoder = None
         mm.soft_empty_cache()
+
+
+# Training working set per element of one latent (batch 1), above the UNet's own weights: optimizer state and
+# activations of the engine's step (saliency decode + CLIP, micro-batched loss). From bench-scale's SD1.5 figures on
+# the CPU in float32 (README), scaled by the element size of the host's dtype; an estimate for model management.
+TRAINING_BYTES_PER_LATENT_ELEMENT_FP32 = 150_000
+
+
+def training_memory(model, size: int) -> int:
+    """What a TRuST run needs on the device besides the loaded model: the private UNet copy and the working set."""
+    import comfy.model_management as mm
+
+    unet = model.model.diffusion_model
+    weights = mm.module_size(unet) if hasattr(mm, "module_size") else sum(
+        p.numel() * p.element_size() for p in unet.parameters())
+    element = torch.finfo(getattr(model.model, "manual_cast_dtype", None) or next(unet.parameters()).dtype).bits // 8
+    element = max(2, element)  # fp8 weights are up-cast to 16-bit compute in the copy
+    return int(weights + TRAINING_BYTES_PER_LATENT_ELEMENT_FP32 * (element / 4) * 4 * (size // 8) ** 2)
 
 
 def _pack(y: torch.Tensor, width: int) -> torch.Tensor:

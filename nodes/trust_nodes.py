@@ -283,8 +283,10 @@ class TrustUnlearn:
                                           "makes the prediction insensitive to them; gentler, slower per step"}),
                 "steps": ("INT", {"default": 60, "min": 1, "max": 2000, "tooltip":
                                   "fine-tuning steps; an early stop may end sooner when an aligner is connected"}),
-                "learning_rate": ("FLOAT", {"default": 5e-3, "min": 1e-6, "max": 0.1, "step": 1e-4, "round": False,
-                                            "tooltip": "learning rate of the concept-neuron rows (AdamW)"}),
+                "learning_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.1, "step": 1e-4, "round": False,
+                                            "tooltip": "absolute learning rate of the concept-neuron rows (each "
+                                                       "masked weight moves about this much per step); 0 = use "
+                                                       "relative_lr, which scales with the model's weights"}),
                 "beta": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip":
                                    "weight of the CIP/CSR term; 0 = the loss's default (CIP 0.1, CSR 0.02)"}),
                 "xi": _XI,
@@ -310,6 +312,11 @@ class TrustUnlearn:
                                             "images the model first generates of the concepts to learn from (the "
                                             "forget set); twice as many are generated of what to keep. Fewer = a "
                                             "faster start and a rougher erasure"}),
+                # optional and last: workflows saved before it hold an absolute learning_rate and keep its meaning
+                "relative_lr": ("FLOAT", {"default": 0.1, "min": 0.001, "max": 1.0, "step": 0.01, "tooltip":
+                                          "learning rate as a fraction of each layer's weight size (RMS), used when "
+                                          "learning_rate is 0: the same value moves rows by about the same fraction "
+                                          "on SD1.5, SDXL or the testbed. The report prints the change per step"}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -322,11 +329,11 @@ class TrustUnlearn:
 
     def unlearn(self, model, clip, vae, concepts, mode, loss, steps, learning_rate, beta, xi, mask_refresh,
                 training_seed, file_name, preserve="", concept_neurons=None, aligner=None, resolution=0,
-                training_images=32, unique_id=None):
+                training_images=32, relative_lr=0.1, unique_id=None):
         expanded = _run("reading the concepts", resolution,
                         lambda: concept_specs.expand_all(concepts, mode, preserve=preserve))
         family = _run("checking the model", resolution, lambda: host.model_family(model))
-        overrides = {"steps": steps, "lr": learning_rate, "seed": training_seed, "mask_every": mask_refresh,
+        overrides = {"steps": steps, "lr": learning_rate or None, "relative_lr": relative_lr, "seed": training_seed, "mask_every": mask_refresh,
                      "static_mask": mask_refresh == 0, "forget_images": training_images,
                      "preserve_images": 2 * training_images}
         if beta > 0:

@@ -185,7 +185,12 @@ class ProgressBar:
         self.update_absolute(self.current + value)
 
 
-_state = {"interrupted": False, "interrupt_after": None, "ticks": 0, "events": [], "loaded": []}
+_state = {"interrupted": False, "interrupt_after": None, "ticks": 0, "events": [], "loaded": [], "freed": []}
+
+
+def memory_requests() -> tuple[list, list]:
+    """(load_models_gpu calls as (models, memory_required), free_memory requests) since install."""
+    return _state["loaded"], _state["freed"]
 
 
 def throw_exception_if_processing_interrupted():
@@ -214,7 +219,9 @@ def install(models_dir: str, temp_dir: str) -> None:
     mm = types.ModuleType("comfy.model_management")
     mm.get_torch_device = lambda: torch.device("cpu")
     mm.load_models_gpu = lambda models, memory_required=0, force_patch_weights=False, minimum_memory_required=None, \
-        force_full_load=False: _state["loaded"].append(models)
+        force_full_load=False: _state["loaded"].append((models, memory_required))
+    mm.free_memory = lambda memory_required, device, keep_loaded=(): _state["freed"].append(memory_required)
+    mm.module_size = lambda module: sum(t.numel() * t.element_size() for t in module.state_dict().values())
     mm.soft_empty_cache = lambda force=False: None
     mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
     mm.InterruptProcessingException = InterruptProcessingException

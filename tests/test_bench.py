@@ -34,3 +34,14 @@ def test_runner_gives_ratios_and_per_sample_slopes(monkeypatch):
     cip2 = next(r for r in rows if r["method"] == "trust_cip" and r["batch"] == 2)
     assert cip2["peak_bytes_vs_full_ft"] == 6.0 / 12.0
     assert cip2["peak_bytes_per_sample"] == 1.0
+
+
+def test_gpu_check_refuses_without_cuda_and_dry_runs_on_the_cpu(capsys):
+    from trust_engine.__main__ import main
+
+    if not torch.cuda.is_available():
+        assert main(["gpu-check"]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
+    check = bench.erasure_check("tiny", "cpu", torch.float32, steps=2, images=2, progress=lambda m: None)
+    assert check["steps"] == 2 and check["seconds_per_step"] > 0 and check["peak_bytes"] > 0
+    assert any("relative row change per step" in n for n in check["notes"])

@@ -119,6 +119,40 @@ def test_training_images_sets_the_generated_data_sets(pack, host):
     assert (config["forget_images"], config["preserve_images"]) == (4, 8)
 
 
+def test_learning_rate_keeps_its_old_meaning_and_zero_means_relative(pack, host):
+    """Saved workflows hold an absolute learning_rate (0.005): it stays absolute. New ones hold 0 and relative_lr."""
+    model, clip, vae = host
+    _, old, _, report_old = node(pack, "TrustUnlearn").unlearn(model, clip, vae, "a square",
+                                                               **fast(file_name="lr_old", training_images=4))["result"]
+    _, new, _, report_new = node(pack, "TrustUnlearn").unlearn(
+        model, clip, vae, "a square", **fast(file_name="lr_new", training_images=4, learning_rate=0.0,
+                                             relative_lr=0.2))["result"]
+    old_config, new_config = (json.loads(d.delta.metadata["config"]) for d in (old, new))
+    assert old_config["lr"] == 5e-3
+    assert new_config["lr"] is None and new_config["relative_lr"] == 0.2
+    assert "relative row change per step" in report_new and "0.2 x each site's weight RMS" in report_new
+    spec = pack.NODE_CLASS_MAPPINGS["TrustUnlearn"].INPUT_TYPES()
+    assert list(spec["optional"])[-1] == "relative_lr", "new inputs go last so saved widget values stay in place"
+    assert spec["required"]["learning_rate"][1]["default"] == 0.0
+
+
+def test_training_tells_model_management_what_it_needs(pack, host):
+    model, clip, vae = host
+    loaded, freed = comfy_fake.memory_requests()
+    seen = len(loaded)
+    node(pack, "TrustUnlearn").unlearn(model, clip, vae, "a circle", **fast(file_name="memory", training_images=4))
+    unet_bytes = sum(t.numel() * t.element_size() for t in model.model.diffusion_model.state_dict().values())
+    requests = [need for models, need in loaded[seen:] if model in models]
+    assert requests and requests[0] > unet_bytes
+    assert freed and freed[-1] == requests[0]
+
+
+def test_fp8_weights_are_up_cast_in_the_private_copy(pack):
+    layer = torch.nn.Linear(4, 4).to(torch.float8_e4m3fn)
+    copy = pack.nodes.host._private_copy(torch.nn.Sequential(layer), torch.bfloat16)
+    assert copy[0].weight.dtype == torch.bfloat16 and layer.weight.dtype == torch.float8_e4m3fn
+
+
 def test_interruption_and_failure_leave_the_model_bit_identical_and_save_nothing(pack, host, tmp_path):
     model, clip, vae = host
     before = digest(model.model)

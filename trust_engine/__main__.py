@@ -72,7 +72,7 @@ def _unlearn_config(args: argparse.Namespace):
     from .saliency import SaliencyConfig
     from .unlearn import config_for
 
-    keys = ("steps", "lr", "beta", "alpha", "mask_every", "seed", "retain_target", "projections",
+    keys = ("steps", "lr", "relative_lr", "beta", "alpha", "mask_every", "seed", "retain_target", "projections",
             "negative_guidance", "saliency_momentum", "cip_update")
     overrides = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     config = config_for(args.loss, **overrides, static_mask=args.static_mask)
@@ -300,6 +300,36 @@ def cmd_bench_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gpu_check(args: argparse.Namespace) -> int:
+    """On a CUDA machine: bench-scale in float16 and bfloat16, and an SD1.5-shaped erasure through the engine."""
+    import torch
+
+    from .bench import erasure_check, run
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: gpu-check needs a CUDA GPU (torch.cuda.is_available() is False here). MPS is untested; "
+              "`--device cpu --arch tiny` runs the same checks on the CPU as a dry run.", file=sys.stderr)
+        return 2
+    say = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    if args.device == "cuda":
+        print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    for dtype in args.dtypes:
+        if dtype == "bfloat16" and args.device == "cuda" and not torch.cuda.is_bf16_supported():
+            print("bfloat16: not supported on this GPU, skipped")
+            continue
+        rows = run([args.arch], 1, args.device, dtype, progress=say, batches=(1,), latent=args.latent,
+                   methods=("full_ft", "trust_cip", "trust_csr"))
+        for r in rows:
+            print(f"bench-scale {args.arch} {dtype} {r['method']:<10} peak {r['peak_bytes'] / 2**30:6.2f} GiB "
+                  f"({r['peak_bytes_vs_full_ft']:.2f}x full FT)  {r['wall_s']:7.2f} s/step")
+        check = erasure_check(args.arch, args.device, getattr(torch, dtype), latent=args.latent, progress=say)
+        print(f"erasure {args.arch} {dtype}: {check['steps']} steps, {check['seconds_per_step']:.2f} s/step, "
+              f"peak {check['peak_bytes'] / 2**30:.2f} GiB, {check['rows_changed']} rows changed")
+        for note in check["notes"]:
+            print("  " + note)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .testbed.check import DEFAULT_CFG, DEFAULT_STEPS
 
@@ -321,7 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     def training_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--loss", choices=("cip", "csr"), default="cip", help="CIP (hard, sparsity) or CSR (soft, sensitivity); default cip")
         p.add_argument("--steps", type=int, help="fine-tuning steps (default: the loss's config, 60)")
-        p.add_argument("--lr", type=float, help="learning rate of the delta rows")
+        p.add_argument("--lr", type=float, help="absolute learning rate of the delta rows (default: --relative-lr)")
+        p.add_argument("--relative-lr", type=float, help="learning rate as a fraction of each site's weight RMS "
+                       "(default 0.1; used unless --lr is given)")
         p.add_argument("--beta", type=float, help="weight of the CIP/CSR term (default 0.1 CIP, 0.02 CSR)")
         p.add_argument("--alpha", type=float, help="weight of the retain loss (default 0.5)")
         p.add_argument("--retain-target", choices=("noise", "base"), help="retain loss target (default base: the base model's prediction; noise = SalUn)")
@@ -383,6 +415,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="(default all; full_ft first, the ratios' reference)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=cmd_bench_scale)
+
+    p = sub.add_parser("gpu-check", help="on a CUDA GPU: bench-scale in float16/bfloat16 and an SD1.5-shaped "
+                                         "erasure, with max_memory_allocated and seconds per step")
+    p.add_argument("--device", default="cuda", help="cuda (default); cpu for a dry run of the harness")
+    p.add_argument("--arch", choices=("sd15", "sdxl", "tiny"), default="sd15", help="UNet shape (default sd15)")
+    p.add_argument("--dtypes", nargs="+", choices=("float16", "bfloat16", "float32"),
+                   default=["float16", "bfloat16"], help="(default float16 bfloat16)")
+    p.add_argument("--latent", type=int, help="latent size (default: the architecture's)")
+    p.set_defaults(func=cmd_gpu_check)
 
     args = parser.parse_args(argv)
     from .concepts import ConceptError

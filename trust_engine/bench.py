@@ -293,6 +293,41 @@ def _ratios(row: dict, base: dict | None) -> dict:
     return row
 
 
+def erasure_check(arch: str, device: str, dtype: torch.dtype, steps: int = 3, images: int = 4,
+                  latent: int | None = None, progress=print) -> dict:
+    """An SD-shaped erasure end to end through the engine (`unlearn`: data generation, saliency, masked steps) on a
+    random-init model; seconds per step and peak device memory. For the day a GPU is at hand (gpu-check)."""
+    from . import concepts
+    from .unlearn import config_for, unlearn
+
+    dev = torch.device(device)
+    unet, vae, clip, image_size = _models(arch, dev, dtype)
+    latent = latent or ARCHS[arch]["latent"]
+    parts, aligner = _engine_parts(arch, unet, vae, clip, image_size, dev, dtype, latent)
+    config = config_for("cip", steps=steps, forget_images=images, preserve_images=images, gen_steps=10,
+                        batch=min(images, 8), early_stop=None)
+    times: list[float] = []
+
+    def on_event(event):
+        if event.stage == "unlearn":
+            times.append(time.perf_counter())
+            progress(f"erasure check: step {event.step}/{event.total}")
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = unlearn(parts, concepts.expand("a cat", "individual", preserve=["a dog"]), config, aligner, on_event)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    per_step = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else float("nan")
+    return {"arch": arch, "device": device, "dtype": str(dtype), "latent": latent, "steps": result.steps_run,
+            "seconds_per_step": per_step, "seconds_total": time.perf_counter() - start, "peak_bytes": peak,
+            "rows_changed": sum(d.rank for d in result.delta.sites.values()), "notes": result.notes}
+
+
 def _out_of_memory(out: subprocess.CompletedProcess) -> bool:
     """Killed by the kernel's OOM killer (SIGKILL) or an allocator error."""
     text = out.stderr.lower()

@@ -28,6 +28,35 @@ def private_tree(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
+class _Checkpointed(nn.Module):
+    """Runs its module under activation checkpointing while gradients are being recorded: its activations are
+    recomputed in the backward pass instead of being kept."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return self.module(*args, **kwargs)
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.module, *args, use_reentrant=False, **kwargs)
+
+
+def checkpoint_blocks(module: nn.Module, is_block) -> int:
+    """Wrap every submodule for which `is_block(submodule)` holds (outermost first) in activation checkpointing,
+    in place; use it on a private copy. Returns how many were wrapped."""
+    count = 0
+    for name, child in list(module.named_children()):
+        if is_block(child):
+            setattr(module, name, _Checkpointed(child))
+            count += 1
+        else:
+            count += checkpoint_blocks(child, is_block)
+    return count
+
+
 class _SiteLayer(nn.Module):
     """A site's layer in the private tree: the host layer's output plus, in float32, the site's delta (while
     `owner.apply_delta`) and the saliency probe (while probing), cast once to the layer's output dtype. Adding D x to
