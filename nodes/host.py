@@ -12,7 +12,8 @@ from collections.abc import Iterator
 
 import torch
 
-from ..trust_engine.parts import DiffusionParts
+from ..trust_engine.parts import DiffusionParts, unpack_extra
+from ..trust_engine.parts import pack_extra as _pack
 from ..trust_engine.progress import ProgressEvent
 from ..trust_engine.unet_view import UnknownArchitectureError, find_sites
 
@@ -149,9 +150,7 @@ def comfy_parts(model, clip, vae, resolution: int = 0, need_decoder: bool = True
         def denoise(unet_call, latents, t, cond):
             extra = {}
             if sdxl:
-                rows = math.ceil(adm_width / cond.shape[-1])
-                extra["y"] = cond[:, -rows:].flatten(1)[:, :adm_width]
-                cond = cond[:, :-rows]
+                cond, extra["y"] = unpack_extra(cond, adm_width)
             return unet_call(latents.to(dtype), t.float(), context=cond.to(dtype), transformer_options={}, **extra)
 
         def decode(latents: torch.Tensor) -> torch.Tensor:
@@ -167,13 +166,6 @@ def comfy_parts(model, clip, vae, resolution: int = 0, need_decoder: bool = True
     finally:
         unet = decoder = None
         mm.soft_empty_cache()
-
-
-def _pack(y: torch.Tensor, width: int) -> torch.Tensor:
-    rows = math.ceil(y.shape[1] / width)
-    padded = torch.zeros(y.shape[0], rows * width)
-    padded[:, : y.shape[1]] = y
-    return padded.view(y.shape[0], rows, width)
 
 
 def out_of_memory_message(what: str, resolution: int) -> str:
