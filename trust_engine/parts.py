@@ -128,6 +128,18 @@ def _is_sdxl(pipe) -> bool:
     return isinstance(pipe, StableDiffusionXLPipeline)
 
 
+def _clip_skipped(pipe, prompt: str, clip_skip: int, device) -> torch.Tensor:
+    """StableDiffusionPipeline.encode_prompt's clip_skip branch for transformers >= 5.6, whose flattened CLIPTextModel
+    has no `.text_model` (diffusers issue #14124, fix pending in PR #14043): the same steps, with the fix's guard."""
+    encoder, tokenizer = pipe.text_encoder, pipe.tokenizer
+    inputs = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                       return_tensors="pt")
+    mask = inputs.attention_mask.to(device) if getattr(encoder.config, "use_attention_mask", False) else None
+    hidden = encoder(inputs.input_ids.to(device), attention_mask=mask, output_hidden_states=True).hidden_states
+    embeds = getattr(encoder, "text_model", encoder).final_layer_norm(hidden[-(clip_skip + 1)])
+    return embeds.to(dtype=encoder.dtype, device=device)
+
+
 def from_pipeline(pipe, name: str = "diffusers pipeline", check_prompt=None, clip_skip: int | None = None,
                   resolution: int | None = None) -> DiffusionParts:
     """Parts of a diffusers StableDiffusionPipeline (SD1.x, SD2.x incl. v-prediction, the testbed) or
@@ -173,9 +185,14 @@ def from_pipeline(pipe, name: str = "diffusers pipeline", check_prompt=None, cli
             return torch.cat([embeds, pack_extra(extra, embeds.shape[-1])], dim=1)
     else:
         def encode_one(prompt: str) -> torch.Tensor:
-            uncond = prompt == ""
-            out = pipe.encode_prompt([prompt], device, 1, uncond, negative_prompt=None, clip_skip=clip_skip)
-            return out[1] if uncond else out[0]
+            if prompt == "":  # the pipeline's unconditional embedding (never clip-skipped by the pipeline)
+                return pipe.encode_prompt([""], device, 1, True, negative_prompt=None)[1]
+            try:
+                return pipe.encode_prompt([prompt], device, 1, False, clip_skip=clip_skip)[0]
+            except AttributeError:
+                if clip_skip is None or hasattr(pipe.text_encoder, "text_model"):
+                    raise
+                return _clip_skipped(pipe, prompt, clip_skip, device)
 
     def encode_text(prompts: list[str]) -> torch.Tensor:
         for prompt in prompts:
