@@ -176,6 +176,7 @@ def test_unusable_model_or_aligner_is_refused_before_any_work(sd2v, tmp_path, ca
     def no_work(*args, **kwargs):
         raise AssertionError("loaded a model although the inputs were bad")
 
+    real_load_model = loading.load_model
     monkeypatch.setattr(loading, "load_model", no_work)
     monkeypatch.setattr("trust_engine.testbed.bundle.load_parts", no_work)
     empty = tmp_path / "empty"
@@ -194,7 +195,13 @@ def test_unusable_model_or_aligner_is_refused_before_any_work(sd2v, tmp_path, ca
         (["--model", str(sd2v), "--aligner", str(tmp_path / "missing")], "is not a folder"),
         (["--model", str(sd2v), "--clip-skip", "-1"], "--clip-skip must be 0 or more"),
     ]
+
     for command in (["unlearn", "--concept", "a cat"], ["saliency", "--concept", "a cat"]):
         for extra, message in cases:
             code, _, err = _cli(capsys, *command, *extra)
             assert code == 2 and message in err and "Traceback" not in err, (command, extra, err)
+    # a resolution the VAE cannot take is refused from the folder's config, before diffusers loads anything
+    monkeypatch.setattr(loading, "load_model", real_load_model)
+    monkeypatch.setattr("diffusers.DiffusionPipeline.from_pretrained", no_work)
+    code, _, err = _cli(capsys, "saliency", "--concept", "a cat", "--model", str(sd2v), "--resolution", "15")
+    assert code == 2 and "positive multiple of 2" in err, err

@@ -134,8 +134,12 @@ def load_model(folder: str | os.PathLike[str], device: torch.device, dtype: torc
     """Load a checked folder with the stock DiffusionPipeline.from_pretrained (offline) and build its parts.
     The SDXL VAE stays in float32 when its config asks for it (force_upcast), as StableDiffusionXLPipeline does."""
     info = inspect_model(folder)
-    if resolution is not None and resolution <= 0:
-        raise CheckpointError(f"--resolution must be positive, got {resolution}")
+    if resolution is not None:
+        vae = _read_json(info.path / "vae" / "config.json", "VAE config")
+        factor = 2 ** (len(vae.get("block_out_channels", (0,))) - 1)  # what the pipelines call vae_scale_factor
+        if resolution <= 0 or resolution % factor:
+            raise CheckpointError(f"--resolution must be a positive multiple of {factor} (this VAE's scale factor), "
+                                  f"got {resolution}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from diffusers import DiffusionPipeline
 
