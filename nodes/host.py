@@ -13,7 +13,8 @@ from collections.abc import Iterator
 import torch
 
 from ..trust_engine.functional import checkpoint_blocks
-from ..trust_engine.parts import DiffusionParts
+from ..trust_engine.parts import DiffusionParts, unpack_extra
+from ..trust_engine.parts import pack_extra as _pack
 from ..trust_engine.progress import ProgressEvent
 from ..trust_engine.unet_view import UnknownArchitectureError, find_sites
 
@@ -166,9 +167,7 @@ def comfy_parts(model, clip, vae, resolution: int = 0, need_decoder: bool = True
         def denoise(unet_call, latents, t, cond):
             extra = {}
             if sdxl:
-                rows = math.ceil(adm_width / cond.shape[-1])
-                extra["y"] = cond[:, -rows:].flatten(1)[:, :adm_width]
-                cond = cond[:, :-rows]
+                cond, extra["y"] = unpack_extra(cond, adm_width)
             return unet_call(latents.to(dtype), t.float(), context=cond.to(dtype), transformer_options={}, **extra)
 
         def decode(latents: torch.Tensor) -> torch.Tensor:
@@ -187,9 +186,10 @@ def comfy_parts(model, clip, vae, resolution: int = 0, need_decoder: bool = True
 
 
 # Training working set per element of one latent (batch 1), above the UNet's own weights: optimizer state and
-# activations of the engine's step (saliency decode + CLIP, micro-batched loss). From bench-scale's SD1.5 figures on
-# the CPU in float32 (README), scaled by the element size of the host's dtype; an estimate for model management.
-TRAINING_BYTES_PER_LATENT_ELEMENT_FP32 = 150_000
+# activations of the engine's step (saliency decode + CLIP, micro-batched loss). From bench-scale's SD1.5 figure on
+# the CPU in float32 (README: 8.8 GiB above the weights at 64x64x4 latents), scaled by the element size of the
+# host's dtype; an estimate for model management, not a measurement on a GPU.
+TRAINING_BYTES_PER_LATENT_ELEMENT_FP32 = 577_000
 
 
 def training_memory(model, size: int) -> int:
@@ -202,13 +202,6 @@ def training_memory(model, size: int) -> int:
     element = torch.finfo(getattr(model.model, "manual_cast_dtype", None) or next(unet.parameters()).dtype).bits // 8
     element = max(2, element)  # fp8 weights are up-cast to 16-bit compute in the copy
     return int(weights + TRAINING_BYTES_PER_LATENT_ELEMENT_FP32 * (element / 4) * 4 * (size // 8) ** 2)
-
-
-def _pack(y: torch.Tensor, width: int) -> torch.Tensor:
-    rows = math.ceil(y.shape[1] / width)
-    padded = torch.zeros(y.shape[0], rows * width)
-    padded[:, : y.shape[1]] = y
-    return padded.view(y.shape[0], rows, width)
 
 
 def out_of_memory_message(what: str, resolution: int) -> str:

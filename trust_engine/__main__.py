@@ -1,5 +1,5 @@
 """Command line: `python -m trust_engine <command>`; the bundled testbed is the default model everywhere.
-Commands: demo (the main job), unlearn, evaluate, testbed-check.
+Commands: demo (the main job), unlearn, evaluate, saliency, figures, bench-scale, testbed-check.
 """
 
 from __future__ import annotations
@@ -51,20 +51,43 @@ def cmd_testbed_check(args: argparse.Namespace) -> int:
 
 
 def _load_model(args: argparse.Namespace):
-    """(pipeline, parts, aligner, default cfg) of --model (a diffusers folder) or of the bundled testbed."""
+    """(pipeline, parts, aligner, default cfg) of --model (a diffusers SD1.x/SD2.x/SDXL folder) or of the bundled
+    testbed. Every path and option is checked before anything is loaded."""
     import torch
 
+    from . import loading
     from .testbed import bundle
     from .testbed.check import DEFAULT_CFG
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if getattr(args, "model", None):
+    model, aligner_dir = getattr(args, "model", None), getattr(args, "aligner", None)
+    device_name, dtype_name = getattr(args, "device", "auto"), getattr(args, "dtype", "auto")
+    clip_skip, resolution = getattr(args, "clip_skip", None), getattr(args, "resolution", None)
+    if model:
+        loading.inspect_model(model)
+    if aligner_dir:
+        loading.inspect_aligner(aligner_dir)
+    if clip_skip is not None and clip_skip < 0:
+        raise loading.CheckpointError(f"--clip-skip must be 0 or more, got {clip_skip}")
+    if model:
+        device = loading.resolve_device(device_name)
+        dtype = loading.resolve_dtype(dtype_name, device)
+        loaded = loading.load_model(model, device, dtype, clip_skip, resolution)
+        aligner = loading.load_aligner(aligner_dir, device) if aligner_dir else None
+        return loaded.pipe, loaded.parts, aligner, loaded.cfg
+    # the testbed's figures are made on CPU in float32: "auto" keeps them there; an explicit choice is honoured
+    device = torch.device("cpu") if device_name == "auto" else loading.resolve_device(device_name)
+    dtype = torch.float32 if dtype_name == "auto" else loading.resolve_dtype(dtype_name, device)
+    pipe, parts, aligner = bundle.load_parts(device, dtype)
+    if clip_skip or resolution:
         from .parts import from_pipeline
+        from .testbed import world
 
-        pipe = bundle.load_pipeline(args.model)
-        return pipe, from_pipeline(pipe, name=str(args.model)), None, 7.5
-    pipe, parts, aligner = bundle.load_parts()
+        parts = from_pipeline(pipe, name="bundled testbed", check_prompt=world.check_words, clip_skip=clip_skip,
+                              resolution=resolution)
+    if aligner_dir:
+        aligner = loading.load_aligner(aligner_dir, device)
     return pipe, parts, aligner, DEFAULT_CFG
 
 
@@ -88,9 +111,9 @@ def run_unlearn(args: argparse.Namespace, pipe=None, parts=None, aligner=None, c
     from .progress import text_progress
     from .unlearn import unlearn
 
+    expanded = concept_specs.expand_all(args.concept, args.mode, preserve=args.preserve or ())
     if pipe is None:
         pipe, parts, aligner, cfg = _load_model(args)
-    expanded = concept_specs.expand_all(args.concept, args.mode, preserve=args.preserve or ())
     if not quiet:
         for e in expanded:
             print(e.explain())
@@ -135,17 +158,105 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .delta import Delta
 
     delta = Delta.load(args.delta)
+    if args.model:
+        return _evaluate_on_model(args, delta)
+    if args.aligner:
+        from .loading import CheckpointError
+
+        raise CheckpointError("on the bundled testbed evaluate uses the testbed judge; --aligner is for --model")
     concept = args.concept or (_json.loads(delta.metadata.get("concepts", "[]")) or [None])[0]
     mode = args.mode or delta.metadata.get("mode", "individual")
     if not concept:
         raise SystemExit("this delta records no concept: pass --concept and --mode")
     _check_base(delta)
     report, _ = evaluate_delta(delta, concept, mode, seeds=args.seeds)
-    if args.json:
+    _print_report(report, args.json)
+    return 0
+
+
+def _print_report(report: dict, as_json: bool) -> None:
+    if as_json:
         print(json.dumps(report))
     else:
         for key, value in report.items():
             print(f"{key:>28}: {value}")
+
+
+def _evaluate_on_model(args: argparse.Namespace, delta) -> int:
+    """evaluate --model: the testbed judge cannot read another model's images, so the aligner's CLIP score of the
+    forget and preserve prompts' generations is reported before and after the delta."""
+    from . import aligner_eval
+    from . import concepts as concept_specs
+    from .delta import fingerprint
+    from .loading import CheckpointError
+    from .unet_view import find_sites, site_weights
+
+    if not args.aligner:
+        raise CheckpointError("evaluate --model needs --aligner (a transformers CLIPModel folder): the testbed judge "
+                              "only reads the testbed's pictures, so on your model the delta is judged by the "
+                              "aligner's CLIP score of the forget and preserve prompts' generations")
+    if args.concept:
+        expanded = concept_specs.expand(args.concept, args.mode or "individual")
+        forget, preserve = list(expanded.forget), list(expanded.preserve)
+    elif "forget" in delta.metadata:
+        forget = json.loads(delta.metadata["forget"])
+        preserve = json.loads(delta.metadata.get("preserve", "[]"))
+    else:
+        raise CheckpointError("this delta records no forget prompts: pass --concept (and --mode)")
+    pipe, parts, aligner, cfg = _load_model(args)
+    delta.check_base(fingerprint(site_weights(parts.unet, find_sites(parts.unet))))
+    cfg = args.cfg if args.cfg is not None else cfg
+    report = aligner_eval.evaluate(parts, aligner, delta, forget, preserve, seeds=args.seeds, steps=args.steps,
+                                   cfg=cfg)
+    report.update(model=parts.name, judge="aligner CLIP score (100 x cosine)")
+    _print_report(report, args.json)
+    return 0
+
+
+def cmd_saliency(args: argparse.Namespace) -> int:
+    """Concept saliency alone: which Q/K/V rows carry the concept (summary, per-block table, optional heatmap PNG)."""
+    import torch
+
+    from . import concepts as concept_specs
+    from .functional import SiteDeltas
+    from .saliency import SaliencyConfig, estimate
+    from .unet_view import find_sites
+
+    expanded = concept_specs.expand(args.concept, args.mode)
+    anchor = args.anchor if args.anchor is not None else expanded.anchor
+    pipe, parts, aligner, cfg = _load_model(args)
+    prompts = list(expanded.forget)
+    if parts.check_prompt:
+        for prompt in (*prompts, anchor):
+            parts.check_prompt(prompt)
+    config = SaliencyConfig(xi=args.xi, steps=args.steps, images=args.images, cfg=args.cfg)
+    deltas = SiteDeltas(parts.unet, find_sites(parts.unet))
+    with torch.inference_mode(False), torch.enable_grad():
+        result = estimate(parts, deltas, prompts, config, aligner, anchor, torch.Generator().manual_seed(args.seed),
+                          cfg)
+    how = "CLIP score" if result.mode == "clip" else "noise contrast (pass --aligner for CLIP-score saliency)"
+    if args.heatmap:
+        from PIL import Image
+
+        from .render import saliency_heatmap
+
+        Path(args.heatmap).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(saliency_heatmap(result, f"concept neurons of {args.concept!r}")).save(args.heatmap, "PNG")
+    if args.json:
+        print(json.dumps({"concept": args.concept, "model": parts.name, "mode": result.mode, "xi": args.xi,
+                          "neurons": result.total(), "rows": sum(m.numel() for m in result.mask.values()),
+                          "objective": result.objective, "counts": result.counts()}))
+        return 0
+    print(f"{args.concept!r} on {parts.name}: {result.summary()}")
+    print(f"saliency: {how}; xi {args.xi}; {config.images} image(s) of {config.steps} steps, guidance "
+          f"{config.cfg if config.cfg is not None else cfg}")
+    kinds = [k for k in ("q", "k", "v", "out") if k in set(result.kinds.values())]
+    print(f"{'block':<48}" + "".join(f"{k.upper() + ' (max z)':>14}" for k in kinds))
+    for block, cells in result.table():
+        print(f"{block:<48}" + "".join(f"{cells[k][0]:>6} ({cells[k][1]:5.1f})" if k in cells else f"{'-':>14}"
+                                       for k in kinds))
+    if args.heatmap:
+        print(f"heatmap: {args.heatmap}")
     return 0
 
 
@@ -368,23 +479,59 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
         p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
 
+    def model_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", help="a diffusers folder of SD1.x, SD2.x (incl. v-prediction) or SDXL, with "
+                                        "model_index.json (default: the bundled testbed)")
+        p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+                       help="auto (default): CUDA, else MPS, else CPU for --model; the testbed stays on CPU")
+        p.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+                       help="weights' dtype; auto (default): float16 on CUDA, float32 otherwise")
+        p.add_argument("--aligner", help="a transformers CLIPModel folder: CLIP-score saliency (and unlearn's early "
+                                          "stop); default: the testbed's own aligner, none for --model")
+        p.add_argument("--clip-skip", type=int, help="skip this many last CLIP text layers when encoding prompts, "
+                                                      "as the diffusers pipelines' clip_skip (default: none)")
+        p.add_argument("--resolution", type=int, help="image size the model generates and trains at (default: the "
+                                                       "model's native size: SD1.x 512, SD2.x-768 768, SDXL 1024)")
+
     p = sub.add_parser("unlearn", help="erase a concept; writes a delta (a LoRA file)")
     p.add_argument("--concept", required=True, help="the concept to erase; several: one per line")
     p.add_argument("--mode", choices=("individual", "combination", "conditional"), default="individual",
                    help="individual ('triangle'), combination ('red circle'), conditional ('circle on a square')")
     p.add_argument("--preserve", nargs="*", help="extra prompts to keep working")
-    p.add_argument("--model", help="a diffusers Stable Diffusion folder (default: the bundled testbed)")
     p.add_argument("--out", default="delta.safetensors", help="delta file to write (default delta.safetensors)")
     training_options(p)
+    model_options(p)
     p.set_defaults(func=cmd_unlearn)
 
-    p = sub.add_parser("evaluate", help="judge a delta on the testbed: forget rate and preserved accuracy")
+    p = sub.add_parser("evaluate", help="judge a delta: on the testbed with its judge (forget rate, preserved "
+                                        "accuracy); with --model by the --aligner's CLIP score before/after")
     p.add_argument("--delta", required=True, help="a delta file written by unlearn")
     p.add_argument("--concept", help="concept to judge (default: the one recorded in the delta)")
     p.add_argument("--mode", choices=("individual", "combination", "conditional"), help="(default: recorded)")
     p.add_argument("--seeds", type=int, default=2, help="images per prompt (default 2)")
+    p.add_argument("--steps", type=int, default=20, help="with --model: DDIM steps per image (default 20)")
+    p.add_argument("--cfg", type=float, help="with --model: guidance scale (default: SD 7.5, SDXL 5.0)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    model_options(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("saliency", help="find the concept neurons (Q/K/V rows) of a concept: summary, per-block "
+                                        "table and optionally the heatmap PNG")
+    p.add_argument("--concept", required=True, help="what to look for, in plain words")
+    p.add_argument("--mode", choices=("individual", "combination", "conditional"), default="individual",
+                   help="how the concept is expanded into prompts (default individual)")
+    p.add_argument("--anchor", help="noise-contrast saliency compares with this prompt (default: the mode's anchor)")
+    p.add_argument("--xi", type=float, default=2.0, help="z-score threshold of concept neurons (default 2.0)")
+    p.add_argument("--steps", type=int, default=10, help="DDIM steps of the measured generation (default 10)")
+    p.add_argument("--images", type=int, default=2, help="images per estimate (default 2)")
+    p.add_argument("--cfg", type=float, help="guidance scale (default: the model's, testbed 3.0 / SD 7.5 / SDXL 5.0)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--heatmap", help="also write the heatmap (blocks x Q/K/V) as a PNG to this path")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    model_options(p)
+    p.set_defaults(func=cmd_saliency)
 
     p = sub.add_parser("demo", help="the main job: erase three testbed concepts; table + before/after PNG in --out")
     p.add_argument("--out", default="out", help="folder for deltas, figures and the PNG grid (default ./out)")
@@ -428,11 +575,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from .concepts import ConceptError
     from .delta import BaseMismatchError, DeltaFileError
+    from .loading import CheckpointError
     from .unet_view import UnknownArchitectureError
 
     try:
         return args.func(args)
-    except (ConceptError, DeltaFileError, BaseMismatchError, UnknownArchitectureError, ValueError) as error:
+    except (ConceptError, DeltaFileError, BaseMismatchError, UnknownArchitectureError, CheckpointError,
+            ValueError) as error:
         print(f"error: {error}", file=sys.stderr)  # a clear message, not a traceback, for input problems
         return 2
 

@@ -5,6 +5,7 @@ differentiable VAE decode, the noise schedule, and optionally an aligner (a CLIP
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import torch
@@ -121,30 +122,138 @@ def features_of(out) -> torch.Tensor:
     return out.pooler_output
 
 
-def from_pipeline(pipe, name: str = "diffusers pipeline", check_prompt=None) -> DiffusionParts:
-    """Parts of a diffusers StableDiffusionPipeline (the testbed, or any SD1.x/2.x folder)."""
-    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+def pack_extra(extra: torch.Tensor, width: int) -> torch.Tensor:
+    """A per-sample conditioning vector (B x N) as zero-padded rows (B x ceil(N / width) x width) to append to a
+    text cond (B x T x width). The engine passes one cond tensor around and indexes/concatenates it by batch, so
+    SDXL's pooled text embeds and size ids travel as extra "tokens" and `denoise` takes them off again."""
+    rows = math.ceil(extra.shape[1] / width)
+    padded = extra.new_zeros(extra.shape[0], rows * width)
+    padded[:, : extra.shape[1]] = extra
+    return padded.view(extra.shape[0], rows, width)
+
+
+def unpack_extra(cond: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of `pack_extra` on a packed cond: (text cond B x T x width, the B x size vector)."""
+    rows = math.ceil(size / cond.shape[-1])
+    return cond[:, :-rows], cond[:, -rows:].flatten(1)[:, :size]
+
+
+def native_resolution(pipe) -> int:
+    """The pipeline's own default image size: UNet sample size x VAE scale factor (SD1.x 512, SD2.x-768 768,
+    SD2.x-base 512, SDXL 1024)."""
+    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+
+def _is_sdxl(pipe) -> bool:
+    from diffusers import StableDiffusionXLPipeline
+
+    return isinstance(pipe, StableDiffusionXLPipeline)
+
+
+def _clip_skipped(pipe, prompt: str, clip_skip: int, device) -> torch.Tensor:
+    """StableDiffusionPipeline.encode_prompt's clip_skip branch for transformers >= 5.6, whose flattened CLIPTextModel
+    has no `.text_model` (diffusers issue #14124, fix pending in PR #14043): the same steps, with the fix's guard."""
+    encoder, tokenizer = pipe.text_encoder, pipe.tokenizer
+    inputs = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                       return_tensors="pt")
+    mask = inputs.attention_mask.to(device) if getattr(encoder.config, "use_attention_mask", False) else None
+    hidden = encoder(inputs.input_ids.to(device), attention_mask=mask, output_hidden_states=True).hidden_states
+    embeds = getattr(encoder, "text_model", encoder).final_layer_norm(hidden[-(clip_skip + 1)])
+    return embeds.to(dtype=encoder.dtype, device=device)
+
+
+def from_pipeline(pipe, name: str = "diffusers pipeline", check_prompt=None, clip_skip: int | None = None,
+                  resolution: int | None = None) -> DiffusionParts:
+    """Parts of a diffusers StableDiffusionPipeline (SD1.x, SD2.x incl. v-prediction, the testbed) or
+    StableDiffusionXLPipeline. Nothing of `pipe` is changed.
+
+    Prompts are encoded by the pipeline's own `encode_prompt` (with `clip_skip`); the empty prompt "" is the engine's
+    unconditional prompt, so it gets exactly what the pipeline feeds its unconditional branch when no negative prompt
+    is given (for SDXL base: zeros, `force_zeros_for_empty_prompt`). For SDXL the pooled embeds and the pipeline's
+    own time ids (`_get_add_time_ids`: original = target size = `resolution`, no crop) are packed onto the cond
+    (`pack_extra`) and handed to the UNet as `added_cond_kwargs`. `resolution` defaults to `native_resolution`.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    sdxl = _is_sdxl(pipe)
+    if not (sdxl or isinstance(pipe, StableDiffusionPipeline)):
+        raise ValueError(f"{type(pipe).__name__} is not supported: use a StableDiffusionPipeline (SD1.x, SD2.x) or a "
+                         f"StableDiffusionXLPipeline (SDXL)")
+    unet, vae = pipe.unet, pipe.vae
+    if sdxl and unet.config.addition_embed_type != "text_time":
+        raise ValueError(f"this SDXL pipeline's UNet has addition_embed_type {unet.config.addition_embed_type!r}; "
+                         f"the engine supports SDXL's 'text_time' conditioning (pooled text embeds + size ids)")
     device, dtype = unet.device, unet.dtype
-    scale = vae.config.scaling_factor
+    size = resolution or native_resolution(pipe)
+    factor = int(pipe.vae_scale_factor)
+    if size % factor:
+        raise ValueError(f"resolution must be a multiple of {factor} (the VAE's scale factor), got {size}")
+    if clip_skip is not None and clip_skip < 0:
+        raise ValueError(f"clip_skip must be 0 or more, got {clip_skip}")
+    clip_skip = clip_skip or None  # 0 = no skip, as None
+    cache: dict[str, torch.Tensor] = {}
+
+    if sdxl:
+        projection = int(pipe.text_encoder_2.config.projection_dim) if pipe.text_encoder_2 is not None else None
+
+        def encode_one(prompt: str) -> torch.Tensor:
+            uncond = prompt == ""
+            out = pipe.encode_prompt(prompt=[prompt], device=device, num_images_per_prompt=1,
+                                     do_classifier_free_guidance=uncond, negative_prompt=None, clip_skip=clip_skip)
+            embeds, pooled = (out[1], out[3]) if uncond else (out[0], out[2])
+            time_ids = pipe._get_add_time_ids((size, size), (0, 0), (size, size), dtype=embeds.dtype,
+                                              text_encoder_projection_dim=projection or int(pooled.shape[-1]))
+            extra = torch.cat([pooled.to(device, embeds.dtype), time_ids.to(device)], dim=1)
+            return torch.cat([embeds, pack_extra(extra, embeds.shape[-1])], dim=1)
+    else:
+        def encode_one(prompt: str) -> torch.Tensor:
+            if prompt == "":  # the pipeline's unconditional embedding (never clip-skipped by the pipeline)
+                return pipe.encode_prompt([""], device, 1, True, negative_prompt=None)[1]
+            try:
+                return pipe.encode_prompt([prompt], device, 1, False, clip_skip=clip_skip)[0]
+            except AttributeError:
+                if clip_skip is None or hasattr(pipe.text_encoder, "text_model"):
+                    raise
+                return _clip_skipped(pipe, prompt, clip_skip, device)
 
     def encode_text(prompts: list[str]) -> torch.Tensor:
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(text_encoder.device)
-        with torch.no_grad():
-            return text_encoder(ids)[0].to(device, dtype)
+        for prompt in prompts:
+            if prompt not in cache:
+                with torch.no_grad():
+                    cache[prompt] = encode_one(prompt).to(device, dtype)
+        return torch.cat([cache[p] for p in prompts])
+
+    scale = vae.config.scaling_factor
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
 
     def decode(latents: torch.Tensor) -> torch.Tensor:
-        images = vae.decode(latents.to(vae.dtype) / scale).sample
+        p = next(vae.parameters())
+        z = latents.to(p.device, p.dtype)
+        if sdxl and mean is not None and std is not None:  # as StableDiffusionXLPipeline un-normalises
+            z = z * torch.tensor(std, device=z.device, dtype=z.dtype).view(1, -1, 1, 1) / scale \
+                + torch.tensor(mean, device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
+        else:
+            z = z / scale
+        images = vae.decode(z).sample
         return ((images + 1) / 2).clamp(0, 1)
 
-    def denoise(unet_call, latents, t, cond):
-        return unet_call(latents, t, encoder_hidden_states=cond, return_dict=False)[0]
+    if sdxl:
+        # text_embeds then the 6 time ids (original size, crop corner, target size), as encode_one packed them
+        pooled_size = int(unet.add_embedding.linear_1.in_features - 6 * unet.config.addition_time_embed_dim)
 
-    channels = unet.config.in_channels
-    size = unet.config.sample_size
+        def denoise(unet_call, latents, t, cond):
+            cond, extra = unpack_extra(cond, pooled_size + 6)
+            added = {"text_embeds": extra[:, :pooled_size], "time_ids": extra[:, pooled_size:]}
+            return unet_call(latents, t, encoder_hidden_states=cond, added_cond_kwargs=added, return_dict=False)[0]
+
+    else:
+        def denoise(unet_call, latents, t, cond):
+            return unet_call(latents, t, encoder_hidden_states=cond, return_dict=False)[0]
+
     return DiffusionParts(
         unet=unet, denoise=denoise, encode_text=encode_text, decode=decode,
-        scheduler_config=dict(pipe.scheduler.config), latent_shape=(channels, size, size),
+        scheduler_config=dict(pipe.scheduler.config), latent_shape=(unet.config.in_channels, size // factor,
+                                                                    size // factor),
         prediction_type=pipe.scheduler.config.prediction_type, device=device, dtype=dtype, name=name,
         check_prompt=check_prompt,
     )
