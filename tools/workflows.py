@@ -231,7 +231,7 @@ WORKFLOWS = {
             "ckpt": ("CheckpointLoaderSimple", [20, 60], {}),
             "saliency": ("TrustConceptSaliency", [400, 60], {"concept": "a cat"}),
             "unlearn": ("TrustUnlearn", [780, 60], {"concepts": "a cat"}),
-            "heat": ("PreviewImage", [400, 460], {}, "Heatmap"),
+            "heat": ("PreviewImage", [400, 900], {}, "Heatmap"),
             "curves": ("PreviewImage", [1140, 60], {}, "Loss and forget score"),
         },
         "links": [
