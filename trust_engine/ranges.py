@@ -105,7 +105,7 @@ RANGES: dict[str, Range] = {
     "stop_fraction": Range(0.0, 1.0),
     # host and CLI inputs
     "mode": Range(choices=("individual", "combination", "conditional")),
-    "resolution": Range(64, 2048, integer=True, multiple_of=8, special=(0,), note="0 = the model's native size"),
+    "resolution": Range(32, 2048, integer=True, multiple_of=8, special=(0,), note="0 = the model's native size"),
     "strength": Range(-2.0, 2.0),
     "seeds": Range(1, 64, integer=True),
     "cell": Range(32, 1024, integer=True),

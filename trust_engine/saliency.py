@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Callable
 
 import torch
 
 from .functional import SiteDeltas
 from .parts import Aligner, DiffusionParts
+from .progress import ProgressEvent
 
 
 @dataclasses.dataclass
@@ -76,8 +78,9 @@ def guided_eps(parts: DiffusionParts, unet_call, latents, t, cond, uncond, cfg: 
 
 def estimate(parts: DiffusionParts, deltas: SiteDeltas, prompts: list[str], config: SaliencyConfig,
              aligner: Aligner | None = None, anchor: str = "", generator: torch.Generator | None = None,
-             cfg: float = 7.5) -> SaliencyResult:
-    """One saliency estimate at the current weights (base + delta): Algorithm 1."""
+             cfg: float = 7.5, progress: Callable[[ProgressEvent], None] | None = None) -> SaliencyResult:
+    """One saliency estimate at the current weights (base + delta): Algorithm 1. `progress` gets a "saliency" event
+    per sampling step and one at the end (a host stops the estimate by raising from it)."""
     mode = config.mode if config.mode != "auto" else ("clip" if aligner is not None else "noise")
     if mode == "clip" and aligner is None:
         raise ValueError("CLIP-score saliency needs an aligner (a CLIP with both towers); use mode 'noise' without one")
@@ -93,9 +96,11 @@ def estimate(parts: DiffusionParts, deltas: SiteDeltas, prompts: list[str], conf
     k_stop = rng.randint(int(lo * (config.steps - 1)), max(int(lo * (config.steps - 1)), int(hi * (config.steps - 1))))
     latents = torch.randn((n, *parts.latent_shape), generator=gen).to(parts.device)
     with torch.no_grad():
-        for t in sched.timesteps[:k_stop]:
+        for i, t in enumerate(sched.timesteps[:k_stop]):
             eps = guided_eps(parts, deltas.call, latents, t, cond, uncond, cfg)
             latents = sched.step(eps, t, latents).prev_sample
+            if progress:
+                progress(ProgressEvent("saliency", i + 1, config.steps, {}, "sampling"))
     t = sched.timesteps[k_stop]
     a = parts.alphas_cumprod[int(t)].to(latents.device)
     images = None
@@ -116,6 +121,8 @@ def estimate(parts: DiffusionParts, deltas: SiteDeltas, prompts: list[str], conf
     for site, g in zip(deltas.sites, grads):
         scores[site.name] = g.abs().mean(1) if g is not None else torch.zeros(site.out_features, device=parts.device)
     z, mask = zscore_mask(scores, {s.name: s.kind for s in deltas.sites}, config.xi)
+    if progress:
+        progress(ProgressEvent("saliency", config.steps, config.steps, {}, "gradient taken"))
     return SaliencyResult(scores, z, mask, {s.name: s.kind for s in deltas.sites}, float(objective.detach()), mode,
                           images.detach() if images is not None else None)
 
