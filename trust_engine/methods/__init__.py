@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import conceptprune, uce
+from . import conceptprune, fia, uce
 
 METHODS: dict[str, tuple[type, Callable]] = {
     "conceptprune": (conceptprune.ConceptPruneConfig, conceptprune.run),
+    "fia": (fia.FIAConfig, fia.run),
     "uce": (uce.UCEConfig, uce.run),
 }
