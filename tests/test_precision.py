@@ -75,7 +75,7 @@ def test_zero_terminal_snr_v_model_samples_finite_and_exact():
 
     config = dict(DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                 rescale_betas_zero_snr=True, timestep_spacing="trailing",
-                                prediction_type="v_prediction").config)
+                                prediction_type="v_prediction", clip_sample=False).config)
     target = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     parts = DiffusionParts(unet=torch.nn.Identity(), denoise=None, encode_text=lambda p: torch.zeros(len(p), 1, 4),
                            decode=None, scheduler_config=config, latent_shape=(4, 8, 8), prediction_type="v_prediction")
