@@ -109,7 +109,7 @@ def test_small_delta_survives_bfloat16_and_training_gets_gradients(testbed):
     name = next(n for n in deltas.delta)
     base = deltas.base[name].float()
     with torch.no_grad():  # far below half the bfloat16 spacing of every weight
-        deltas.delta[name] += base.abs().clamp_min(1e-3) * 2**-12
+        deltas.delta[name] += base.abs() * 2**-12
     layer = next(m for m in deltas.model.modules() if getattr(m, "name", None) == name)
     x = torch.randn(256, base.shape[1], generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     with torch.no_grad():
@@ -122,7 +122,7 @@ def test_small_delta_survives_bfloat16_and_training_gets_gradients(testbed):
         base.to(torch.bfloat16).float()), "the test delta must be below the weights' rounding"
     change = (y1 - y0).flatten()
     corr = torch.corrcoef(torch.stack([change, expected.flatten()]))[0, 1]
-    assert corr > 0.5, corr
+    assert corr > 0.2, corr  # exactly 0 (NaN) if the delta were rounded into the weights
 
     config = unlearn.config_for("cip", **{**TINY, "steps": 2})
     result = unlearn.unlearn(parts, concepts.expand("triangle"), config, None, default_cfg=3.0)
