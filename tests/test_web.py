@@ -50,3 +50,15 @@ console.log(JSON.stringify({ids, size: states.size, empty: chart.sparkline([], 1
                             blank: chart.statusLine(chart.newState())}));
 """)
     assert result == {"ids": [None] * 5, "size": 0, "empty": [], "blank": ""}
+
+
+def test_nodes_are_found_by_string_ids_including_subgraph_ids():
+    result = run_js("""
+const graph = (nodes) => ({getNodeById: (id) => nodes[id] ?? null});  // LiteGraph keys nodes by id
+const inner = {id: 3, title: "inner unlearn"};
+const root = graph({5: {id: 5, subgraph: graph({3: inner})}, 7: {id: 7, title: "top unlearn"}, 12: {id: 12}});
+const find = (id) => chart.resolveNode(root, id)?.title ?? chart.resolveNode(root, id)?.id ?? null;
+console.log(JSON.stringify(["7", 7, "5:3", "5:4", "12:3", "9", "", null, "5:3:1"].map(find)));
+""")
+    assert result == ["top unlearn", "top unlearn", "inner unlearn", None, None, None, None, None, None]
+

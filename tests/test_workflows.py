@@ -1,5 +1,6 @@
-"""The example workflows: valid UI-format graphs, in step with the nodes' inputs (regenerating them changes
-nothing), each explained by a note, and each with a picture for the README."""
+"""The example workflows: valid UI-format graphs in example_workflows/ (the folder ComfyUI's template browser reads),
+in step with the nodes' inputs (regenerating them changes nothing), each explained by a note, each with the
+template browser's thumbnail beside it and a screenshot of the real UI for the README (tools/screenshots.py)."""
 
 import importlib.util
 import json
@@ -8,7 +9,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def tool():
 def test_there_is_a_workflow_for_each_use_case():
     names = {p.stem for p in WORKFLOWS}
     assert {"erase_concept_before_after", "erase_combination", "erase_conditional", "apply_shared_delta",
-            "inspect_saliency"} <= names
+            "inspect_saliency", "bake_into_checkpoint"} <= names
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -39,12 +40,22 @@ def test_workflow_is_a_consistent_ui_graph_with_a_note(path):
     notes = [n for n in flow["nodes"] if n["type"] == "Note"]
     assert notes and len(notes[0]["widgets_values"][0]) > 80
     assert any(n["type"].startswith("Trust") for n in flow["nodes"])
-    assert (ROOT / "docs" / "workflows" / f"{path.stem}.png").is_file()
+    for picture in (ROOT / "example_workflows" / f"{path.stem}.jpg", ROOT / "docs" / "workflows" / f"{path.stem}.jpg"):
+        assert picture.is_file() and picture.stat().st_size < 300_000, picture
+
+
+def test_an_erasure_is_baked_into_a_checkpoint_by_the_stock_save_checkpoint_node():
+    flow = json.loads((ROOT / "example_workflows" / "bake_into_checkpoint.json").read_text())
+    nodes = {n["id"]: n for n in flow["nodes"]}
+    save = next(n for n in flow["nodes"] if n["type"] == "CheckpointSave")
+    sources = {s["name"]: nodes[next(link[1] for link in flow["links"] if link[0] == s["link"])]["type"]
+               for s in save["inputs"]}
+    assert sources == {"model": "TrustUnlearn", "clip": "CheckpointLoaderSimple", "vae": "CheckpointLoaderSimple"}
 
 
 def test_workflows_are_in_step_with_the_nodes(tool):
     table = {**tool.STOCK, **tool.pack_nodes()}
     for name, description in tool.WORKFLOWS.items():
         expected = tool.build(description, table)
-        saved = json.loads((ROOT / "workflows" / f"{name}.json").read_text())
-        assert saved == expected, f"workflows/{name}.json is stale: run python tools/workflows.py"
+        saved = json.loads((ROOT / "example_workflows" / f"{name}.json").read_text())
+        assert saved == expected, f"example_workflows/{name}.json is stale: run python tools/workflows.py"

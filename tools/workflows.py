@@ -1,5 +1,5 @@
-"""Builds the example workflows (ComfyUI UI format, in workflows/) from short graph descriptions, and draws a
-picture of each graph for the README (docs/workflows/*.png). Run: python tools/workflows.py
+"""Builds the example workflows (ComfyUI UI format, in example_workflows/) from short graph descriptions and the
+nodes' INPUT_TYPES. Run: python tools/workflows.py (pictures of them: tools/screenshots.py, in a real ComfyUI).
 """
 
 from __future__ import annotations
@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-
-from PIL import Image, ImageDraw, ImageFont
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
@@ -25,6 +23,7 @@ STOCK = {
     "SaveImage": ([("images", "IMAGE")], [], ["filename_prefix"]),
     "PreviewImage": ([("images", "IMAGE")], [], []),
     "LoraLoaderModelOnly": ([("model", "MODEL")], [("MODEL", "MODEL")], ["lora_name", "strength_model"]),
+    "CheckpointSave": ([("model", "MODEL"), ("clip", "CLIP"), ("vae", "VAE")], [], ["filename_prefix"]),
     "Note": ([], [], ["text"]),
 }
 
@@ -99,10 +98,14 @@ def build(description: dict, table: dict) -> dict:
     for node in nodes:  # a node's height follows its sockets and widgets, as the front-end would size it
         if node["type"] != "Note":
             rows = max(len(node["inputs"]), len(node["outputs"])) + len(node["widgets_values"])
-            node["size"][1] = 30 + 22 * rows
+            node["size"][1] = max(30 + 22 * rows, FRONTEND_HEIGHT.get(node["type"], 0))
     return {"last_node_id": len(nodes), "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [],
             "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
 
+
+# Heights ComfyUI's front-end (1.27.10) gives our nodes at width 320: multiline text boxes, the report box and the
+# chart row of web/trust.js. The layouts below leave that room; tier 3 checks that no node overlaps another.
+FRONTEND_HEIGHT = {"TrustUnlearn": 600, "TrustConceptSaliency": 320, "TrustApplyDelta": 220}
 
 DEFAULTS = {
     ("EmptyLatentImage", "width"): 512, ("EmptyLatentImage", "height"): 512, ("EmptyLatentImage", "batch_size"): 4,
@@ -133,8 +136,8 @@ def erase_and_compare(concept: str, mode: str, prompt: str, note: str, preserve:
             "note": ("Note", [20, -230], {"text": note}),
             "ckpt": ("CheckpointLoaderSimple", [20, 60], {}),
             "unlearn": ("TrustUnlearn", [400, 60], {"concepts": concept, "mode": mode, "preserve": preserve}),
-            "pos": ("CLIPTextEncode", [400, 560], {"text": prompt}, "Prompt (shows the concept)"),
-            "neg": ("CLIPTextEncode", [400, 720], {"text": "blurry, low quality"}, "Negative"),
+            "pos": ("CLIPTextEncode", [400, 720], {"text": prompt}, "Prompt (shows the concept)"),
+            "neg": ("CLIPTextEncode", [400, 880], {"text": "blurry, low quality"}, "Negative"),
             "latent": ("EmptyLatentImage", [20, 380], {}),
             "before": ("KSampler", [780, 60], {}, "KSampler (original model)"),
             "after": ("KSampler", [780, 400], {}, "KSampler (unlearned model)"),
@@ -186,8 +189,8 @@ WORKFLOWS = {
                      "the delta was made for another base model. Stock Load LoRA nodes read the same file too."}),
             "ckpt": ("CheckpointLoaderSimple", [20, 60], {}),
             "apply": ("TrustApplyDelta", [400, 60], {}),
-            "pos": ("CLIPTextEncode", [400, 300], {"text": "a photo of a cat sitting on a sofa"}, "Prompt"),
-            "neg": ("CLIPTextEncode", [400, 460], {"text": "blurry, low quality"}, "Negative"),
+            "pos": ("CLIPTextEncode", [400, 340], {"text": "a photo of a cat sitting on a sofa"}, "Prompt"),
+            "neg": ("CLIPTextEncode", [400, 500], {"text": "blurry, low quality"}, "Negative"),
             "latent": ("EmptyLatentImage", [20, 380], {}),
             "sampler": ("KSampler", [780, 60], {}),
             "dec": ("VAEDecode", [1140, 60], {}),
@@ -200,6 +203,24 @@ WORKFLOWS = {
             ("dec", 0, "save", "images"),
         ],
     },
+    "bake_into_checkpoint": {
+        "nodes": {
+            "note": ("Note", [20, -230], {"text":
+                     "Bake an erasure into a new checkpoint (for distributing a model rather than a delta).\n\n"
+                     "TRUST Unlearn returns the patched model; ComfyUI's stock Save Checkpoint writes it with the "
+                     "checkpoint's own CLIP and VAE to output/checkpoints/ (trust_erased_00001_.safetensors, ...). "
+                     "The loaded checkpoint file is not changed. Move the new file to models/checkpoints/ to load it."}),
+            "ckpt": ("CheckpointLoaderSimple", [20, 60], {}),
+            "unlearn": ("TrustUnlearn", [400, 60], {"concepts": "a cat"}),
+            "save": ("CheckpointSave", [780, 60], {"filename_prefix": "checkpoints/trust_erased"}),
+            "curves": ("PreviewImage", [780, 260], {}, "Loss and forget score"),
+        },
+        "links": [
+            ("ckpt", 0, "unlearn", "model"), ("ckpt", 1, "unlearn", "clip"), ("ckpt", 2, "unlearn", "vae"),
+            ("unlearn", 0, "save", "model"), ("ckpt", 1, "save", "clip"), ("ckpt", 2, "save", "vae"),
+            ("unlearn", 2, "curves", "images"),
+        ],
+    },
     "inspect_saliency": {
         "nodes": {
             "note": ("Note", [20, -230], {"text":
@@ -210,7 +231,7 @@ WORKFLOWS = {
             "ckpt": ("CheckpointLoaderSimple", [20, 60], {}),
             "saliency": ("TrustConceptSaliency", [400, 60], {"concept": "a cat"}),
             "unlearn": ("TrustUnlearn", [780, 60], {"concepts": "a cat"}),
-            "heat": ("PreviewImage", [400, 460], {}, "Heatmap"),
+            "heat": ("PreviewImage", [400, 900], {}, "Heatmap"),
             "curves": ("PreviewImage", [1140, 60], {}, "Loss and forget score"),
         },
         "links": [
@@ -222,81 +243,13 @@ WORKFLOWS = {
     },
 }
 
-COLOURS = {"MODEL": (180, 140, 255), "CLIP": (255, 210, 80), "VAE": (255, 110, 110), "CONDITIONING": (255, 160, 60),
-           "LATENT": (255, 130, 200), "IMAGE": (100, 180, 255), "CONCEPT_NEURONS": (120, 230, 160),
-           "UNLEARNED_DELTA": (120, 230, 230), "CONCEPT_ALIGNER": (230, 230, 120)}
-
-
-def render(workflow: dict, path: Path, table: dict) -> None:
-    """A picture of the graph: nodes as boxes with title, sockets and widget values; links as coloured lines."""
-    nodes = {n["id"]: n for n in workflow["nodes"]}
-    display = sys.modules["trust_pack"].NODE_DISPLAY_NAME_MAPPINGS
-    xs = [n["pos"][0] for n in nodes.values()]
-    ys = [n["pos"][1] for n in nodes.values()]
-    x0, y0 = min(xs) - 20, min(ys) - 20
-    width = int(max(n["pos"][0] + n["size"][0] for n in nodes.values()) - x0 + 20)
-    height = int(max(n["pos"][1] + n["size"][1] for n in nodes.values()) - y0 + 20)
-    image = Image.new("RGB", (width, height), (32, 32, 36))
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
-
-    def socket(node, index, out):
-        x = node["pos"][0] - x0 + (node["size"][0] if out else 0)
-        return x, node["pos"][1] - y0 + 30 + 22 * index + 8
-
-    for _, src, out_i, dst, in_i, kind in workflow["links"]:
-        (ax, ay), (bx, by) = socket(nodes[src], out_i, True), socket(nodes[dst], in_i, False)
-        mid = (ax + bx) / 2
-        draw.line([(ax, ay), (mid, ay), (mid, by), (bx, by)], fill=COLOURS.get(kind, (200, 200, 200)), width=2)
-    for n in nodes.values():
-        x, y = n["pos"][0] - x0, n["pos"][1] - y0
-        w, h = n["size"]
-        note = n["type"] == "Note"
-        draw.rounded_rectangle([x, y, x + w, y + h], 6, fill=(85, 68, 34) if note else (53, 53, 58),
-                               outline=(90, 90, 96))
-        draw.rectangle([x, y, x + w, y + 22], fill=(100, 80, 40) if note else (70, 70, 76))
-        draw.text((x + 8, y + 5), n.get("title", display.get(n["type"], n["type"])), fill=(235, 235, 235), font=font)
-        if note:
-            text = n["widgets_values"][0]
-            lines, line = [], ""
-            for word in text.replace("\n", " \n ").split(" "):
-                if word == "\n" or len(line) + len(word) > 60:
-                    lines.append(line)
-                    line = "" if word == "\n" else word
-                else:
-                    line = f"{line} {word}".strip()
-            lines.append(line)
-            for i, line in enumerate(lines[: int((h - 30) / 12)]):
-                draw.text((x + 8, y + 28 + 12 * i), line, fill=(230, 220, 200), font=font)
-            continue
-        for i, s in enumerate(n["inputs"]):
-            cx, cy = socket(n, i, False)
-            draw.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=COLOURS.get(s["type"], (200, 200, 200)))
-            draw.text((cx + 8, cy - 6), s["name"], fill=(200, 200, 200), font=font)
-        for i, s in enumerate(n["outputs"]):
-            cx, cy = socket(n, i, True)
-            draw.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=COLOURS.get(s["type"], (200, 200, 200)))
-            draw.text((cx - 8 - 6 * len(s["name"]), cy - 6), s["name"], fill=(200, 200, 200), font=font)
-        top = y + 30 + 22 * max(len(n["inputs"]), len(n["outputs"]))
-        names = [w if w != "+control" else "control after generate" for w in table[n["type"]][2]]
-        for i, (name, value) in enumerate(zip(names, n["widgets_values"])):
-            shown = f"{name}: {value}".replace("\n", " / ")
-            draw.rounded_rectangle([x + 8, top + 22 * i, x + w - 8, top + 22 * i + 18], 4, fill=(34, 34, 38))
-            draw.text((x + 14, top + 22 * i + 4), shown[:48], fill=(210, 210, 210), font=font)
-    image.save(path)
-
-
 def main() -> None:
     table = {**STOCK, **pack_nodes()}
-    out = ROOT / "workflows"
-    pictures = ROOT / "docs" / "workflows"
+    out = ROOT / "example_workflows"
     out.mkdir(exist_ok=True)
-    pictures.mkdir(parents=True, exist_ok=True)
     for name, description in WORKFLOWS.items():
-        workflow = build(description, table)
-        (out / f"{name}.json").write_text(json.dumps(workflow, indent=1) + "\n")
-        render(workflow, pictures / f"{name}.png", table)
-        print(f"wrote workflows/{name}.json and docs/workflows/{name}.png")
+        (out / f"{name}.json").write_text(json.dumps(build(description, table), indent=1) + "\n")
+        print(f"wrote example_workflows/{name}.json")
 
 
 if __name__ == "__main__":

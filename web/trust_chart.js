@@ -59,3 +59,20 @@ export function statusLine(s) {
   if (s.stage) return `${s.message || s.stage} ${Math.round(100 * s.prepared)}%`;
   return "";
 }
+
+/**
+ * The node an execution id names in a graph: "12" is node 12 of the root graph, "5:3" node 3 inside the subgraph
+ * of node 5 (the front-end flattens subgraphs into the prompt with such ids). null when any step is missing.
+ */
+export function resolveNode(graph, id) {
+  if (!graph || id === undefined || id === null || id === "") return null;
+  let current = graph;
+  let node = null;
+  for (const part of String(id).split(":")) {
+    if (!current || typeof current.getNodeById !== "function") return null;
+    node = current.getNodeById(part) ?? (/^\d+$/.test(part) ? current.getNodeById(Number(part)) : null) ?? null;
+    if (!node) return null;
+    current = node.subgraph ?? null;
+  }
+  return node;
+}

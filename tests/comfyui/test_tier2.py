@@ -14,7 +14,7 @@ import pytest
 from .tier2_support import CHECKPOINT, REPO
 from .workflow_api import set_inputs, ui_to_api
 
-WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
 FAST = {"steps": 2, "resolution": 64, "training_images": 4}  # a CPU-sized run of every graph
 
 
