@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
 import os
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from ..trust_engine.functional import checkpoint_blocks
 from ..trust_engine.parts import DiffusionParts, unpack_extra
 from ..trust_engine.parts import pack_extra as _pack
 from ..trust_engine.progress import ProgressEvent
-from ..trust_engine.unet_view import UnknownArchitectureError, find_sites
+from ..trust_engine.unet_view import UnknownArchitectureError, find_sites, site_weight, weight_path
 
 # model_config classes of comfy.supported_models the engine knows (SD1.x, SD2.x, SDXL and SDXL distillations)
 SUPPORTED = {
@@ -44,7 +45,49 @@ def model_family(model) -> str:
             f"this MODEL is {name}; TRuST unlearning supports Stable Diffusion 1.x, 2.x and SDXL checkpoints "
             f"(cross-attention UNets). Load one of those with Load Checkpoint."
         )
+    channels = _in_channels(model)
+    if channels not in (None, 4):  # inpainting (9: latent + mask + masked image) and other concat-conditioned UNets
+        raise HostModelError(
+            f"this MODEL is a {family} {'inpainting ' if channels == 9 else ''}checkpoint ({channels} input channels); "
+            f"TRuST unlearns text-to-image checkpoints (4 input channels): load the matching non-inpainting "
+            f"checkpoint with Load Checkpoint."
+        )
     return family
+
+
+def _in_channels(model) -> int | None:
+    """Input channels of the MODEL's UNet, from its model config or the network itself (None: unknown)."""
+    config = getattr(getattr(model, "model", None), "model_config", None)
+    unet_config = getattr(config, "unet_config", None)
+    if isinstance(unet_config, dict) and unet_config.get("in_channels") is not None:
+        return int(unet_config["in_channels"])
+    network = getattr(getattr(model, "model", None), "diffusion_model", None)
+    channels = getattr(network, "in_channels", None)
+    if channels is None:
+        channels = getattr(getattr(network, "config", None), "in_channels", None)
+    return int(channels) if channels is not None else None
+
+
+def effective_site_weights(model) -> dict[str, torch.Tensor]:
+    """Canonical site name -> the Q/K/V weight this MODEL samples with (its own patches applied, e.g. an upstream
+    LoRA), on the CPU in the stored dtype. Read from wherever the weights are, one site at a time, without loading
+    the model onto the GPU; where another clone's patches are currently written into the shared module, the
+    original is taken from the patcher's backup (what ComfyUI restores on unpatching)."""
+    import comfy.lora
+
+    unet = model.model.diffusion_model
+    backup = getattr(model, "backup", None) or {}
+    patches = getattr(model, "patches", None) or {}
+    out = {}
+    for site in find_sites(unet):
+        key = f"diffusion_model.{weight_path(unet, site)}.weight"
+        stored = backup.get(key)
+        weight = getattr(stored, "weight", stored) if stored is not None else site_weight(unet, site)
+        w = weight.detach().to("cpu", torch.float32, copy=True)
+        if patches.get(key):
+            w = comfy.lora.calculate_weight(patches[key], w, key)
+        out[site.name] = w.to(weight.dtype)  # rounded once to the stored dtype, as ComfyUI patches it for sampling
+    return out
 
 
 def prediction_type(model) -> str:
@@ -220,10 +263,8 @@ class HostProgress:
     custom websocket event for the front-end chart, and an interruption check (Cancel stops at the next event)."""
 
     def __init__(self, unique_id: str | None, prepare: int, steps: int) -> None:
-        import comfy.utils
-
         self.node, self.prepare, self.total = unique_id, prepare, prepare + steps
-        self.bar = comfy.utils.ProgressBar(self.total, node_id=unique_id)
+        self.bar = progress_bar(self.total, unique_id)
 
     def __call__(self, event: ProgressEvent) -> None:
         import comfy.model_management as mm
@@ -235,15 +276,48 @@ class HostProgress:
                     "message": event.message, **{k: v for k, v in event.metrics.items() if math.isfinite(v)}})
 
 
+def progress_bar(total: int, unique_id: str | None):
+    """comfy.utils.ProgressBar for this node. Its node_id argument exists from ComfyUI 0.3.45 on; older versions
+    attribute the bar to the executing node themselves, so it is left out there."""
+    import comfy.utils
+
+    try:
+        takes_node = "node_id" in inspect.signature(comfy.utils.ProgressBar).parameters
+    except (TypeError, ValueError):
+        takes_node = False
+    return comfy.utils.ProgressBar(total, node_id=unique_id) if takes_node else comfy.utils.ProgressBar(total)
+
+
 def send_event(payload: dict) -> None:
-    """Send the custom event if the server is running (it is not in tests or scripts)."""
+    """Send the custom event, only to the client that queued the running prompt (PromptServer.client_id; None
+    broadcasts, as for a prompt queued without a client id), if the server is running (not in tests or scripts)."""
     try:
         from server import PromptServer
     except ImportError:
         return
     server = getattr(PromptServer, "instance", None)
     if server is not None:
-        server.send_sync(EVENT, payload)
+        server.send_sync(EVENT, payload, getattr(server, "client_id", None))
+
+
+@contextlib.contextmanager
+def aligner_on_device(aligner):
+    """The aligner (a transformers CLIP, which ComfyUI's model management does not track) on the compute device for
+    one run, and back on the offload device afterwards, also after an error or a Cancel, so it holds no VRAM between
+    runs."""
+    if aligner is None:
+        yield None
+        return
+    import comfy.model_management as mm
+
+    with torch.inference_mode(False):  # moved under inference mode, its weights would become inference tensors
+        aligner.model.to(mm.get_torch_device())
+    try:
+        yield aligner
+    finally:
+        with torch.inference_mode(False):
+            aligner.model.to(mm.unet_offload_device())
+        mm.soft_empty_cache()
 
 
 def register_folders() -> None:

@@ -14,20 +14,26 @@ import re
 import numpy as np
 import torch
 
-from ..trust_engine import __version__
+from ..trust_engine import __version__, ranges
 from ..trust_engine import concepts as concept_specs
 from ..trust_engine.delta import BaseMismatchError, Delta, DeltaFileError, fingerprint
 from ..trust_engine.functional import SiteDeltas
 from ..trust_engine.parts import Aligner
 from ..trust_engine.render import labelled_grid, saliency_heatmap, training_curves
 from ..trust_engine.saliency import SaliencyConfig, SaliencyResult, estimate
-from ..trust_engine.unet_view import find_sites, site_weights
+from ..trust_engine.sketch import BITS as SKETCH_BITS
+from ..trust_engine.sketch import CLOSE, SKETCH_KEY, agreement, sketch
+from ..trust_engine.unet_view import find_sites
 from ..trust_engine.unlearn import config_for, unlearn
 from . import host
 
 CATEGORY = "unlearning/TRuST"
 NO_FILE = "(none: use the delta input)"
-MODES = ["individual", "combination", "conditional"]
+MODES = list(ranges.RANGES["mode"].choices)
+# node input -> its name in the table of allowed values (trust_engine.ranges), where they differ
+_TABLE_NAMES = {"mask_refresh": "mask_every", "training_seed": "seed", "saliency_seed": "seed",
+                "training_images": "forget_images"}
+_SALIENCY_NAMES = {**_TABLE_NAMES, "steps": "saliency_steps", "images": "saliency_images"}
 log = logging.getLogger("trust_unlearning")
 
 
@@ -59,13 +65,16 @@ def _image(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array.astype(np.float32) / 255.0)[None]
 
 
-def _fingerprint_of(model) -> str:
-    """Fingerprint of the MODEL as it samples (its patches applied): load it, read its site weights."""
-    import comfy.model_management as mm
+def _ranged(kind: str, name: str, default, tooltip: str, **extra) -> tuple:
+    """A widget whose min/max come from the table of allowed values (ComfyUI then refuses values outside them)."""
+    allowed = ranges.RANGES[name]
+    return (kind, {"default": default, "min": min((allowed.low, *allowed.special)), "max": allowed.high, **extra,
+                   "tooltip": tooltip})
 
-    mm.load_models_gpu([model], force_full_load=True)
-    unet = model.model.diffusion_model
-    return fingerprint(site_weights(unet, find_sites(unet)))
+
+def _fingerprint_of(model) -> str:
+    """Fingerprint of the MODEL as it samples (its patches applied), from its Q/K/V weights where they are."""
+    return fingerprint(host.effective_site_weights(model))
 
 
 def _cfg(family: str) -> float:
@@ -119,9 +128,9 @@ class TrustLoadAligner:
                              f"put a transformers CLIPModel folder there and press R to refresh")
         device = mm.get_torch_device()
         dtype = torch.float32 if device.type == "cpu" else torch.float16
-        with torch.inference_mode(False):
+        with torch.inference_mode(False):  # kept on the offload device; the nodes move it to the GPU for a run only
             model = CLIPModel.from_pretrained(folder, local_files_only=True, torch_dtype=dtype).eval()
-            model.requires_grad_(False).to(device)
+            model.requires_grad_(False).to(mm.unet_offload_device())
         tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
         try:
             processor = CLIPImageProcessor.from_pretrained(folder, local_files_only=True)
@@ -152,17 +161,14 @@ _MODEL_INPUTS = {
     "clip": ("CLIP", {"tooltip": "the checkpoint's text encoder (Load Checkpoint's CLIP)"}),
     "vae": ("VAE", {"tooltip": "the checkpoint's VAE (Load Checkpoint's VAE)"}),
 }
-_RESOLUTION = ("INT", {"default": 0, "min": 0, "max": 2048, "step": 64, "tooltip":
-                       "image size the concept neurons are measured and trained at; 0 = the model's native size "
-                       "(SD1.x 512, SD2.x 768, SDXL 1024). Lower it when memory is short"})
+_RESOLUTION = _ranged("INT", "resolution", 0, "image size the concept neurons are measured and trained at; 0 = the "
+                      "model's native size (SD1.x 512, SD2.x 768, SDXL 1024). Lower it when memory is short", step=64)
 # Not named "seed": the front-end gives every input of that name a randomize-after-queue control, and a changed seed
 # means training again instead of reusing the saved delta.
-_SEED = ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip":
-                 "seed of the generated images and of training; it stays as set between queues, so the same inputs "
-                 "reuse the saved delta"})
-_XI = ("FLOAT", {"default": 2.0, "min": 0.5, "max": 6.0, "step": 0.1, "tooltip":
-                 "z-score threshold: an output row is a concept neuron when its saliency is more than xi standard "
-                 "deviations above the mean of its projection type (paper: 2.0). Higher = fewer neurons"})
+_SEED = _ranged("INT", "seed", 0, "seed of the generated images and of training; it stays as set between queues, so the "
+                "same inputs reuse the saved delta")
+_XI = _ranged("FLOAT", "xi", 2.0, "z-score threshold: an output row is a concept neuron when its saliency is more than xi "
+              "standard deviations above the mean of its projection type (paper: 2.0). Higher = fewer neurons", step=0.1)
 
 
 class TrustConceptSaliency:
@@ -188,10 +194,8 @@ class TrustConceptSaliency:
                                        "what to look for, in plain words (e.g. 'nudity', 'a cat', 'red circle')"}),
                 "xi": _XI,
                 "saliency_seed": _SEED,
-                "steps": ("INT", {"default": 10, "min": 2, "max": 50, "tooltip":
-                                  "sampling steps of the images the saliency is measured on"}),
-                "images": ("INT", {"default": 4, "min": 1, "max": 32, "tooltip":
-                                   "images per estimate; more = steadier neurons, slower"}),
+                "steps": _ranged("INT", "saliency_steps", 10, "sampling steps of the images the saliency is measured on"),
+                "images": _ranged("INT", "saliency_images", 4, "images per estimate; more = steadier neurons, slower"),
             },
             "optional": {
                 "anchor": ("STRING", {"default": "", "tooltip": "what the concept should become (noise-contrast mode "
@@ -204,22 +208,27 @@ class TrustConceptSaliency:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, concept=None, **_):
+    def VALIDATE_INPUTS(cls, concept=None):  # no **kwargs: ComfyUI then still checks every other input's min/max
         if isinstance(concept, str) and not concept.strip():
             return "concept is empty: type what to look for, e.g. 'a cat'"
         return True
 
     def find(self, model, clip, vae, concept, xi, saliency_seed, steps, images, anchor="", aligner=None,
              resolution=0, unique_id=None):
+        ranges.check_inputs({"xi": xi, "saliency_seed": saliency_seed, "steps": steps, "images": images,
+                             "resolution": resolution}, _SALIENCY_NAMES)
+
         def work():
             expanded = concept_specs.expand(concept, "individual")
             family = host.model_family(model)
-            with host.comfy_parts(model, clip, vae, resolution, need_decoder=aligner is not None) as parts:
+            progress = host.HostProgress(unique_id, 0, steps)
+            with host.comfy_parts(model, clip, vae, resolution, need_decoder=aligner is not None) as parts, \
+                    host.aligner_on_device(aligner):
                 deltas = SiteDeltas(parts.unet, find_sites(parts.unet))
                 config = SaliencyConfig(xi=xi, steps=steps, images=images)
                 with torch.inference_mode(False), torch.enable_grad():
                     result = estimate(parts, deltas, list(expanded.forget), config, aligner, anchor or "",
-                                      torch.Generator().manual_seed(saliency_seed), _cfg(family))
+                                      torch.Generator().manual_seed(saliency_seed), _cfg(family), progress)
                 return ConceptNeurons(concept, _detach(result), fingerprint(deltas.base))
 
         neurons = _run("measuring saliency", resolution, work)
@@ -274,25 +283,24 @@ class TrustUnlearn:
                 "concepts": ("STRING", {"default": "", "multiline": True, "tooltip":
                                         "what to erase, one concept per line ('nudity', 'red circle', "
                                         "'cat on the table')"}),
-                "mode": (MODES, {"default": "individual", "tooltip":
+                "mode": (MODES, {"default": MODES[0], "tooltip":
                                  "individual: erase the concept everywhere. combination: erase only the combination "
                                  "('red circle') and keep its parts ('a circle', 'a red object'). conditional: erase "
                                  "only the composition ('cat on the table') and keep each side"}),
-                "loss": (["CIP", "CSR"], {"default": "CIP", "tooltip":
+                "loss": ([c.upper() for c in ranges.RANGES["loss"].choices], {"default": "CIP", "tooltip":
                                           "CIP (hard): pushes the concept neurons' weights towards zero. CSR (soft): "
                                           "makes the prediction insensitive to them; gentler, slower per step"}),
-                "steps": ("INT", {"default": 60, "min": 1, "max": 2000, "tooltip":
-                                  "fine-tuning steps; an early stop may end sooner when an aligner is connected"}),
-                "learning_rate": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.1, "step": 1e-4, "round": False,
-                                            "tooltip": "absolute learning rate of the concept-neuron rows (each "
-                                                       "masked weight moves about this much per step); 0 = use "
-                                                       "relative_lr, which scales with the model's weights"}),
-                "beta": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip":
-                                   "weight of the CIP/CSR term; 0 = the loss's default (CIP 0.1, CSR 0.02)"}),
+                "steps": _ranged("INT", "steps", 60, "fine-tuning steps; an early stop may end sooner when an aligner "
+                                 "is connected"),
+                "learning_rate": _ranged("FLOAT", "learning_rate", 0.0, "absolute learning rate of the "
+                                         "concept-neuron rows (each masked weight moves about this much per step); 0 = "
+                                         "use relative_lr, which scales with the model's weights", step=1e-4,
+                                         round=False),
+                "beta": _ranged("FLOAT", "beta", 0.0, "weight of the CIP/CSR term; 0 = the loss's default (CIP 0.1, "
+                                "CSR 0.02)", step=0.01),
                 "xi": _XI,
-                "mask_refresh": ("INT", {"default": 1, "min": 0, "max": 1000, "tooltip":
-                                         "re-find the concept neurons every this many steps (paper: every step); "
-                                         "0 = never (keep the first mask)"}),
+                "mask_refresh": _ranged("INT", "mask_every", 1, "re-find the concept neurons every this many steps "
+                                        "(paper: every step); 0 = never (keep the first mask)"),
                 "training_seed": _SEED,
                 "file_name": ("STRING", {"default": "", "tooltip":
                                          "name of the delta file in models/unlearned_deltas/ (also listed by LoRA "
@@ -308,21 +316,20 @@ class TrustUnlearn:
                                                            "an early stop; without it, noise-contrast saliency"}),
                 "resolution": _RESOLUTION,
                 # optional and last, so workflows saved before it existed keep their widget values in place
-                "training_images": ("INT", {"default": 32, "min": 2, "max": 512, "tooltip":
-                                            "images the model first generates of the concepts to learn from (the "
-                                            "forget set); twice as many are generated of what to keep. Fewer = a "
-                                            "faster start and a rougher erasure"}),
+                "training_images": _ranged("INT", "forget_images", 32, "images the model first generates of the "
+                                           "concepts to learn from (the forget set); twice as many are generated of "
+                                           "what to keep. Fewer = a faster start and a rougher erasure"),
                 # optional and last: workflows saved before it hold an absolute learning_rate and keep its meaning
-                "relative_lr": ("FLOAT", {"default": 0.1, "min": 0.001, "max": 1.0, "step": 0.01, "tooltip":
-                                          "learning rate as a fraction of each layer's weight size (RMS), used when "
-                                          "learning_rate is 0: the same value moves rows by about the same fraction "
-                                          "on SD1.5, SDXL or the testbed. The report prints the change per step"}),
+                "relative_lr": _ranged("FLOAT", "relative_lr", 0.1, "learning rate as a fraction of each layer's weight "
+                                       "size (RMS), used when learning_rate is 0: the same value moves rows by about the "
+                                       "same fraction on SD1.5, SDXL or the testbed. The report prints the change per "
+                                       "step", step=0.01),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, concepts=None, **_):
+    def VALIDATE_INPUTS(cls, concepts=None):  # no **kwargs: ComfyUI then still checks every other input's min/max
         if isinstance(concepts, str) and not concepts.strip():
             return "concepts is empty: type what to erase, one concept per line"
         return True
@@ -330,17 +337,23 @@ class TrustUnlearn:
     def unlearn(self, model, clip, vae, concepts, mode, loss, steps, learning_rate, beta, xi, mask_refresh,
                 training_seed, file_name, preserve="", concept_neurons=None, aligner=None, resolution=0,
                 training_images=32, relative_lr=0.1, unique_id=None):
+        ranges.check_inputs({"mode": mode, "loss": str(loss).lower(), "steps": steps, "learning_rate": learning_rate,
+                             "beta": beta, "xi": xi, "mask_refresh": mask_refresh, "training_seed": training_seed,
+                             "resolution": resolution, "training_images": training_images,
+                             "relative_lr": relative_lr}, _TABLE_NAMES)
         expanded = _run("reading the concepts", resolution,
                         lambda: concept_specs.expand_all(concepts, mode, preserve=preserve))
         family = _run("checking the model", resolution, lambda: host.model_family(model))
-        overrides = {"steps": steps, "lr": learning_rate or None, "relative_lr": relative_lr, "seed": training_seed, "mask_every": mask_refresh,
+        overrides = {"steps": steps, "lr": learning_rate or None, "relative_lr": relative_lr, "seed": training_seed,
+                     "mask_every": mask_refresh,
                      "static_mask": mask_refresh == 0, "forget_images": training_images,
                      "preserve_images": 2 * training_images}
         if beta > 0:
             overrides["beta"] = beta
         config = config_for(loss.lower(), **overrides)
         config.saliency = SaliencyConfig(xi=xi)
-        base_fp = _run("loading the model", resolution, lambda: _fingerprint_of(model))
+        base = _run("reading the model", resolution, lambda: host.effective_site_weights(model))
+        base_fp = fingerprint(base)
         if concept_neurons is not None and concept_neurons.base_fingerprint != base_fp:
             raise ValueError("the concept_neurons input was measured on another model: connect the same MODEL to "
                              "Concept Saliency and TRUST Unlearn")
@@ -358,10 +371,12 @@ class TrustUnlearn:
             progress = host.HostProgress(unique_id, config.forget_images + config.preserve_images, config.steps)
 
             def work():
-                with host.comfy_parts(model, clip, vae, resolution, need_decoder=aligner is not None) as parts:
+                with host.comfy_parts(model, clip, vae, resolution, need_decoder=aligner is not None) as parts, \
+                        host.aligner_on_device(aligner):
                     initial = concept_neurons.result.mask if concept_neurons is not None else None
                     return unlearn(parts, expanded, config, aligner, progress,
-                                   {"mode": mode, "model": parts.name, "cache_key": key, "host": "ComfyUI"},
+                                   {"mode": mode, "model": parts.name, "cache_key": key, "host": "ComfyUI",
+                                    SKETCH_KEY: sketch(base)},
                                    default_cfg=_cfg(family), initial_mask=initial)
 
             result = _run("unlearning", resolution, work)
@@ -469,8 +484,8 @@ class TrustApplyDelta:
                 "model": ("MODEL", {"tooltip": "the model to patch; it is never modified"}),
                 "delta_file": ([NO_FILE] + _delta_files(), {"tooltip":
                                "a delta file in models/unlearned_deltas/ (ignored when the delta input is connected)"}),
-                "strength": ("FLOAT", {"default": 1.0, "min": -2.0, "max": 2.0, "step": 0.05, "tooltip":
-                                       "1 = as trained; lower = partly erased; 0 = no change"}),
+                "strength": _ranged("FLOAT", "strength", 1.0, "1 = as trained; lower = partly erased; 0 = no change",
+                                    step=0.05),
             },
             "optional": {"delta": ("UNLEARNED_DELTA", {"tooltip": "the delta output of TRUST Unlearn"})},
             "hidden": {"unique_id": "UNIQUE_ID"},
@@ -482,6 +497,7 @@ class TrustApplyDelta:
         return f"{path}:{os.path.getmtime(path)}" if path and os.path.exists(path) else delta_file
 
     def apply(self, model, delta_file, strength, delta=None, unique_id=None):
+        ranges.check_inputs({"strength": strength})
         if delta is not None:
             loaded, source = delta.delta, os.path.basename(delta.path) or "the delta input"
         elif delta_file != NO_FILE:
@@ -499,13 +515,24 @@ class TrustApplyDelta:
         lines = [f"{source}: erases {loaded.metadata.get('concepts', '?')} ({loaded.metadata.get('modes', '?')}), "
                  f"{loaded.metadata.get('loss', '?').upper()}, {sum(d.rank for d in loaded.sites.values())} rows, "
                  f"strength {strength}"]
-        if loaded.base_fingerprint and loaded.base_fingerprint != _fingerprint_of(model):
-            warning = ("WARNING: this delta was made for another base model (fingerprint "
-                       f"{loaded.base_fingerprint[:12]}). It is applied anyway, but it may not erase the concept "
-                       "and may damage other content; retrain on this model for a reliable result.")
-            log.warning("TRuST: %s: %s", source, warning)
-            host.send_event({"node": unique_id, "warning": warning, "source": source})
-            lines.append(warning)
+        weights = host.effective_site_weights(model) if loaded.base_fingerprint else {}
+        if loaded.base_fingerprint and loaded.base_fingerprint != fingerprint(weights):
+            # the exact check failed; a delta with a sketch of its base can still recognise that base lightly modified
+            stored = loaded.metadata.get(SKETCH_KEY)
+            share = agreement(stored, weights) if stored else None
+            if share is not None and share >= CLOSE:
+                lines.append(f"Note: this model is not bit-identical to the delta's base model, but {100 * share:.1f}% "
+                             f"of {SKETCH_BITS} sampled Q/K/V weight signs agree (an unrelated model: about 50%): the "
+                             f"same base, lightly modified (e.g. a LoRA merged in). Applied.")
+            else:
+                measured = (f" Only {100 * share:.1f}% of {SKETCH_BITS} sampled Q/K/V weight signs agree (the same "
+                            f"base lightly modified: {100 * CLOSE:.0f}% or more)." if share is not None else "")
+                warning = ("WARNING: this delta was made for another base model (fingerprint "
+                           f"{loaded.base_fingerprint[:12]}).{measured} It is applied anyway, but it may not erase "
+                           "the concept and may damage other content; retrain on this model for a reliable result.")
+                log.warning("TRuST: %s: %s", source, warning)
+                host.send_event({"node": unique_id, "warning": warning, "source": source})
+                lines.append(warning)
         info = "\n".join(lines)
         return {"ui": {"text": [info]}, "result": (_patched(model, loaded, strength), info)}
 
@@ -546,11 +573,12 @@ class TrustBeforeAfterGrid:
                 "after": ("IMAGE", {"tooltip": "the same prompts and seeds on the unlearned model"}),
                 "label_before": ("STRING", {"default": "before", "tooltip": "label of the first row"}),
                 "label_after": ("STRING", {"default": "after", "tooltip": "label of the second row"}),
-                "cell": ("INT", {"default": 256, "min": 32, "max": 1024, "step": 32, "tooltip": "size of each tile"}),
+                "cell": _ranged("INT", "cell", 256, "size of each tile", step=32),
             }
         }
 
     def grid(self, before, after, label_before, label_after, cell):
+        ranges.check_inputs({"cell": cell})
         sheet = labelled_grid([(label_before, before.cpu().numpy()), (label_after, after.cpu().numpy())], cell)
         return (_image(sheet),)
 

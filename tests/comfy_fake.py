@@ -167,6 +167,13 @@ def load_lora_for_models(model, clip, lora, strength_model, strength_clip):
     return patched, None
 
 
+def calculate_weight(patches, weight, key, intermediate_dtype=torch.float32, original_weights=None):
+    """comfy.lora.calculate_weight for the patches this fake makes: weight + strength * diff (on the given copy)."""
+    for strength, value, _, _, _ in patches:
+        weight = weight + strength * value[1][0].to(weight.device, weight.dtype)
+    return weight
+
+
 class ProgressBar:
     updates: list[tuple[int, int]] = []
 
@@ -185,7 +192,7 @@ class ProgressBar:
         self.update_absolute(self.current + value)
 
 
-_state = {"interrupted": False, "interrupt_after": None, "ticks": 0, "events": [], "loaded": [], "freed": []}
+_state = {"interrupted": False, "interrupt_after": None, "ticks": 0, "events": [], "sids": [], "loaded": [], "freed": []}
 
 
 def memory_requests() -> tuple[list, list]:
@@ -209,8 +216,11 @@ def events() -> list[tuple[str, dict]]:
 
 
 class _Server:
+    client_id = "client-that-queued"
+
     def send_sync(self, event, data, sid=None):
         _state["events"].append((event, data))
+        _state["sids"].append(sid)
 
 
 def install(models_dir: str, temp_dir: str) -> None:
@@ -226,13 +236,16 @@ def install(models_dir: str, temp_dir: str) -> None:
     mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
     mm.InterruptProcessingException = InterruptProcessingException
     mm.OOM_EXCEPTION = torch.OutOfMemoryError
+    mm.unet_offload_device = lambda: torch.device("cpu")
+    lora = types.ModuleType("comfy.lora")
+    lora.calculate_weight = calculate_weight
     utils = types.ModuleType("comfy.utils")
     utils.ProgressBar = ProgressBar
     sampling = types.ModuleType("comfy.model_sampling")
     sampling.EPS, sampling.V_PREDICTION = EPS, V_PREDICTION
     sd = types.ModuleType("comfy.sd")
     sd.load_lora_for_models = load_lora_for_models
-    comfy.model_management, comfy.utils, comfy.model_sampling, comfy.sd = mm, utils, sampling, sd
+    comfy.model_management, comfy.utils, comfy.model_sampling, comfy.sd, comfy.lora = mm, utils, sampling, sd, lora
 
     fp = types.ModuleType("folder_paths")
     fp.models_dir = models_dir
@@ -271,11 +284,12 @@ def install(models_dir: str, temp_dir: str) -> None:
     server = types.ModuleType("server")
     server.PromptServer = type("PromptServer", (), {"instance": _Server()})
     sys.modules.update({"comfy": comfy, "comfy.model_management": mm, "comfy.utils": utils,
-                        "comfy.model_sampling": sampling, "comfy.sd": sd, "folder_paths": fp, "server": server})
+                        "comfy.model_sampling": sampling, "comfy.sd": sd, "comfy.lora": lora, "folder_paths": fp,
+                        "server": server})
 
 
 def uninstall() -> None:
-    for name in ("comfy", "comfy.model_management", "comfy.utils", "comfy.model_sampling", "comfy.sd",
+    for name in ("comfy", "comfy.model_management", "comfy.utils", "comfy.model_sampling", "comfy.sd", "comfy.lora",
                  "folder_paths", "server"):
         sys.modules.pop(name, None)
 

@@ -188,3 +188,19 @@ def test_invalid_deltas_are_refused_at_construction():
         )
     with pytest.raises(TypeError, match="str to str"):
         Delta({}, {"steps": 20})
+
+
+def test_sketch_tells_a_lightly_modified_base_from_another_model():
+    from trust_engine import sketch
+
+    g = torch.Generator().manual_seed(0)
+    base = {f"site{i}": torch.randn(64, 48, generator=g) for i in range(6)}
+    stored = sketch.sketch(base)
+    assert len(stored) < 1500  # small next to any delta (1 KiB of signs, base64)
+    assert sketch.agreement(stored, base) == 1.0
+    # a LoRA-like merge: a small low-rank change flips only the signs of near-zero weights
+    merged = {n: w + 0.02 * torch.randn(64, 2, generator=g) @ torch.randn(2, 48, generator=g) for n, w in base.items()}
+    assert sketch.CLOSE <= sketch.agreement(stored, merged) < 1.0
+    other = {n: torch.randn(w.shape, generator=g) for n, w in base.items()}
+    assert abs(sketch.agreement(stored, other) - 0.5) < 0.05
+    assert sketch.agreement("not a sketch", base) is None

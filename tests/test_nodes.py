@@ -247,11 +247,24 @@ def test_apply_delta_from_a_file_with_strength_and_a_warning_for_another_base(pa
     base = model.model.state_dict()[key].float()
     torch.testing.assert_close(half.patched_state_dict()[key] - base, 0.5 * (full.patched_state_dict()[key] - base))
     assert "WARNING" not in info
-    Delta = pack.trust_engine.delta.Delta
-    foreign = Delta(delta.delta.sites, delta.delta.metadata, "f" * 64)
-    _, info = node(pack, "TrustApplyDelta").apply(model, "(none: use the delta input)", 1.0,
-                                                  delta=pack.nodes.trust_nodes.UnlearnedDelta(foreign))["result"]
-    assert "another base model" in info
+    Delta, sketch = pack.trust_engine.delta.Delta, pack.trust_engine.sketch
+
+    def apply_made_for(fingerprint, metadata):
+        foreign = pack.nodes.trust_nodes.UnlearnedDelta(Delta(delta.delta.sites, metadata, fingerprint))
+        return node(pack, "TrustApplyDelta").apply(model, "(none: use the delta input)", 1.0, delta=foreign)["result"][1]
+
+    # the exact fingerprint differs but the stored sketch of this very base agrees: the tolerant tier, no warning
+    assert sketch.SKETCH_KEY in delta.delta.metadata
+    info = apply_made_for("f" * 64, delta.delta.metadata)
+    assert "the same base, lightly modified" in info and "100.0%" in info and "WARNING" not in info
+    assert not any("warning" in data for event, data in comfy_fake.events())
+    # a sketch of an unrelated model: the warning, with the measured agreement
+    unrelated = {n: torch.randn_like(w) for n, w in pack.nodes.host.effective_site_weights(model).items()}
+    info = apply_made_for("f" * 64, {**delta.delta.metadata, sketch.SKETCH_KEY: sketch.sketch(unrelated)})
+    assert "another base model" in info and "Only " in info
+    # a file without a sketch (made before it existed): the exact check alone
+    info = apply_made_for("f" * 64, {k: v for k, v in delta.delta.metadata.items() if k != sketch.SKETCH_KEY})
+    assert "another base model" in info and "Only " not in info
     assert any("warning" in data for event, data in comfy_fake.events())
     with pytest.raises(ValueError, match="no delta"):
         node(pack, "TrustApplyDelta").apply(model, "(none: use the delta input)", 1.0)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -176,7 +178,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _print_report(report: dict, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(report))
+        print(json.dumps(_finite(report), allow_nan=False))  # NaN (e.g. no parts to judge) is not JSON: null
     else:
         for key, value in report.items():
             print(f"{key:>28}: {value}")
@@ -258,6 +260,44 @@ def cmd_saliency(args: argparse.Namespace) -> int:
     if args.heatmap:
         print(f"heatmap: {args.heatmap}")
     return 0
+
+
+def _finite(report: dict) -> dict:
+    """The report with non-finite numbers as None (JSON null)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in report.items()}
+
+
+# options checked against the table of allowed values before any work: option dest -> table name
+_RANGED = {"steps": "steps", "lr": "lr", "relative_lr": "relative_lr", "beta": "beta", "alpha": "alpha", "xi": "xi", "mask_every": "mask_every",
+           "negative_guidance": "negative_guidance", "saliency_momentum": "saliency_momentum",
+           "projections": "projections", "saliency_images": "saliency_images", "seed": "seed", "seeds": "seeds"}
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    """Refuse bad options before any work: values outside trust_engine.ranges, an --out folder that is missing or
+    not writable, a --model that does not exist."""
+    from .ranges import check
+
+    if args.command not in ("unlearn", "demo", "figures", "evaluate"):
+        return
+    for dest, name in _RANGED.items():
+        if getattr(args, dest, None) is not None:
+            check(name, getattr(args, dest), "--" + dest.replace("_", "-"))
+    model = getattr(args, "model", None)
+    if model and not Path(model).exists():
+        raise ValueError(f"--model {model}: no such file or folder (give a diffusers Stable Diffusion folder)")
+    if model and Path(model).is_dir() and not (Path(model) / "model_index.json").is_file():
+        raise ValueError(f"--model {model}: this folder has no model_index.json, so it is not a diffusers pipeline "
+                         f"folder (save one with pipe.save_pretrained)")
+    if args.command == "unlearn":
+        out = Path(args.out)
+        folder = out.parent if str(out.parent) else Path(".")
+        if out.is_dir():
+            raise ValueError(f"--out {out} is a folder: give a file name such as {out / 'delta.safetensors'}")
+        if not folder.is_dir():
+            raise ValueError(f"--out {out}: the folder {folder} does not exist; create it first")
+        if not os.access(folder, os.W_OK):
+            raise ValueError(f"--out {out}: the folder {folder} is not writable")
 
 
 def _check_base(delta) -> None:
@@ -579,6 +619,7 @@ def main(argv: list[str] | None = None) -> int:
     from .unet_view import UnknownArchitectureError
 
     try:
+        _check_inputs(args)
         return args.func(args)
     except (ConceptError, DeltaFileError, BaseMismatchError, UnknownArchitectureError, CheckpointError,
             ValueError) as error:

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections.abc import Callable
 
 import torch
 
 from .functional import SiteDeltas
 from .parts import Aligner, DiffusionParts
+from .progress import ProgressEvent
 
 
 @dataclasses.dataclass
@@ -86,8 +88,9 @@ _HALF_SCALE = 2.0**16
 
 def estimate(parts: DiffusionParts, deltas: SiteDeltas, prompts: list[str], config: SaliencyConfig,
              aligner: Aligner | None = None, anchor: str = "", generator: torch.Generator | None = None,
-             cfg: float = 7.5) -> SaliencyResult:
-    """One saliency estimate at the current weights (base + delta): Algorithm 1.
+             cfg: float = 7.5, progress: Callable[[ProgressEvent], None] | None = None) -> SaliencyResult:
+    """One saliency estimate at the current weights (base + delta): Algorithm 1. `progress` gets a "saliency" event
+    per sampling step and one at the end (a host stops the estimate by raising from it).
 
     Memory: the gradient is taken one image at a time, and for each image in three separate graphs (the aligner's
     score back to x0 through the decode, then the conditional and the unconditional UNet pass, each given its share
@@ -108,8 +111,10 @@ def estimate(parts: DiffusionParts, deltas: SiteDeltas, prompts: list[str], conf
     k_stop = rng.randint(int(lo * (config.steps - 1)), max(int(lo * (config.steps - 1)), int(hi * (config.steps - 1))))
     latents = torch.randn((n, *parts.latent_shape), generator=gen).to(parts.device)
     with torch.no_grad():
-        for t in sched.timesteps[:k_stop]:
+        for i, t in enumerate(sched.timesteps[:k_stop]):
             latents = sched.step(guided_output(parts, deltas.call, latents, t, cond, uncond, cfg), t, latents).prev_sample
+            if progress:
+                progress(ProgressEvent("saliency", i + 1, config.steps, {}, "sampling"))
     t = sched.timesteps[k_stop]
     anchor_cond = parts.encode_text([anchor] * n) if mode == "noise" else None
     scale = _HALF_SCALE if parts.dtype == torch.float16 else 1.0
@@ -127,6 +132,8 @@ def estimate(parts: DiffusionParts, deltas: SiteDeltas, prompts: list[str], conf
         scores[site.name] = (g.abs().mean(1) if g is not None
                              else torch.zeros(site.out_features, device=parts.device))
     z, mask = zscore_mask(scores, {s.name: s.kind for s in deltas.sites}, config.xi)
+    if progress:
+        progress(ProgressEvent("saliency", config.steps, config.steps, {}, "gradient taken"))
     return SaliencyResult(scores, z, mask, {s.name: s.kind for s in deltas.sites}, objective, mode, images)
 
 

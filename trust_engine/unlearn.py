@@ -20,6 +20,7 @@ from .delta import Delta, fingerprint
 from .functional import SiteDeltas
 from .parts import Aligner, DiffusionParts
 from .progress import NanGuard, ProgressEvent, null_progress
+from .ranges import check_config
 from .saliency import SaliencyConfig, SaliencyResult, estimate, guided_output, zscore_mask
 from .unet_view import find_sites
 
@@ -154,6 +155,7 @@ def unlearn(parts: DiffusionParts, concepts: ExpandedConcept | MergedConcepts | 
     """Erase the concepts' forget prompts while keeping their preserve prompts; returns a Delta.
     The host's UNet is only read: an exception or interruption (raised by `progress`) leaves it as it was.
     `initial_mask` (site -> bool rows, e.g. from a saliency run) replaces the first step's estimate."""
+    check_config(config)  # every input in its allowed range before any work (trust_engine.ranges)
     if isinstance(concepts, ExpandedConcept):
         concepts = [concepts]
     merged = concepts if isinstance(concepts, MergedConcepts) else merge(concepts)
