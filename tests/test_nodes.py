@@ -1,37 +1,13 @@
 """Tier 1: the ComfyUI nodes against a fake of the ComfyUI calls they use (tests/comfy_fake.py), on the testbed.
 Checks the node contract, that the host MODEL is never written, files, reuse, warnings and errors."""
 
-import hashlib
-import importlib.util
 import json
 import shutil
-import sys
 
 import comfy_fake
 import pytest
 import torch
-from conftest import ROOT
-
-PACK = "trust_pack_under_test"
-
-
-@pytest.fixture(scope="module")
-def pack(tmp_path_factory):
-    models = tmp_path_factory.mktemp("models")
-    comfy_fake.install(str(models), str(tmp_path_factory.mktemp("temp")))
-    spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK] = module
-    spec.loader.exec_module(module)
-    yield module
-    for key in [k for k in sys.modules if k == PACK or k.startswith(PACK + ".")]:
-        del sys.modules[key]
-    comfy_fake.uninstall()
-
-
-@pytest.fixture(scope="module")
-def host(pack):
-    return comfy_fake.host_objects()
+from conftest import digest, node
 
 
 @pytest.fixture(autouse=True)
@@ -43,18 +19,6 @@ def small_data_sets(pack, monkeypatch):
         return original(loss, **{"forget_images": 8, "preserve_images": 8, "gen_steps": 6, **overrides})
 
     monkeypatch.setattr(pack.nodes.trust_nodes, "config_for", small)
-
-
-def node(pack, name):
-    return pack.NODE_CLASS_MAPPINGS[name]()
-
-
-def digest(module: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, p in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def fast(**overrides):
