@@ -247,3 +247,80 @@ def test_before_after_grid(pack):
     before, after = torch.rand(3, 32, 32, 3), torch.rand(3, 32, 32, 3)
     (grid,) = node(pack, "TrustBeforeAfterGrid").grid(before, after, "before", "after", 64)
     assert grid.shape[0] == 1 and grid.shape[1] == 2 * 68 and grid.shape[-1] == 3
+
+
+def test_progress_events_go_only_to_the_client_that_queued(pack, host):
+    model, clip, vae = host
+    start = len(comfy_fake._state["sids"])
+    node(pack, "TrustUnlearn").unlearn(model, clip, vae, "a blue shape", **fast(file_name="blue", steps=1))
+    sids = comfy_fake._state["sids"][start:]
+    assert sids and set(sids) == {comfy_fake._Server.client_id}  # never None (a broadcast to every browser)
+
+
+def test_concept_saliency_shows_progress_and_cancel_stops_it(pack, host):
+    model, clip, vae = host
+    before = digest(model.model)
+    comfy_fake.ProgressBar.updates.clear()
+    node(pack, "TrustConceptSaliency").find(model, clip, vae, "a triangle", 2.0, 0, 4, 1, resolution=32)
+    updates = comfy_fake.ProgressBar.updates  # one per sampling step up to the random stop, then the gradient
+    assert len(updates) >= 2 and updates[-1] == (4, 4) and updates[0][0] < 4
+    comfy_fake.interrupt_after(1)  # Cancel pressed during the first sampling step
+    try:
+        with pytest.raises(comfy_fake.InterruptProcessingException):
+            node(pack, "TrustConceptSaliency").find(model, clip, vae, "a circle", 2.0, 1, 8, 1, resolution=32)
+    finally:
+        comfy_fake.interrupt_after(None)
+    assert digest(model.model) == before
+
+
+def test_apply_reads_the_fingerprint_without_loading_the_model(pack, host):
+    model, clip, vae = host
+    _, delta, _, _ = node(pack, "TrustUnlearn").unlearn(model, clip, vae, "a square", **fast(file_name="sq"))["result"]
+    loaded, _ = comfy_fake.memory_requests()
+    count = len(loaded)
+    node(pack, "TrustApplyDelta").apply(model, "sq.safetensors", 1.0)
+    assert len(loaded) == count  # no load_models_gpu: the weights are read where they are
+
+
+def test_inpainting_checkpoints_are_refused_with_a_message(pack, host):
+    from types import SimpleNamespace
+
+    model = host[0]
+    config = comfy_fake.SD15()
+    config.unet_config = {"in_channels": 9}  # as ComfyUI detects an SD1.5 inpainting checkpoint
+    inpainting = SimpleNamespace(model=SimpleNamespace(model_config=config, diffusion_model=model.model.diffusion_model))
+    with pytest.raises(pack.nodes.host.HostModelError, match="inpainting checkpoint .9 input channels.*non-inpainting"):
+        pack.nodes.host.model_family(inpainting)
+    assert pack.nodes.host.model_family(model) == "SD1.x"
+
+
+def test_progress_bar_works_on_comfyui_before_node_id(pack, monkeypatch):
+    import comfy.utils
+
+    class OldProgressBar:  # ComfyUI < 0.3.45: no node_id argument
+        def __init__(self, total):
+            self.total = total
+
+    monkeypatch.setattr(comfy.utils, "ProgressBar", OldProgressBar)
+    assert pack.nodes.host.progress_bar(7, "5").total == 7
+    monkeypatch.undo()
+    assert pack.nodes.host.progress_bar(7, "5").total == 7
+
+
+def test_the_aligner_is_on_the_compute_device_only_during_a_run(pack, monkeypatch):
+    import comfy.model_management as mm
+
+    moves = []
+
+    class Model:
+        def to(self, device):
+            moves.append(str(device))
+
+    aligner = type("Aligner", (), {"model": Model()})()
+    monkeypatch.setattr(mm, "get_torch_device", lambda: "cuda:0")
+    monkeypatch.setattr(mm, "unet_offload_device", lambda: "cpu")
+    with pytest.raises(RuntimeError):
+        with pack.nodes.host.aligner_on_device(aligner):
+            assert moves == ["cuda:0"]
+            raise RuntimeError("a failure mid-run")
+    assert moves == ["cuda:0", "cpu"]
