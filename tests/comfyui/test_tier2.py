@@ -166,3 +166,19 @@ def test_every_example_workflow_executes(comfy, path):
         comfy.run(base_graph({"u": unlearn_node("a shared bird", "tier2_shared")}))
         set_inputs(prompt, "TrustApplyDelta", delta_file="tier2_shared.safetensors")
     comfy.run(prompt)
+
+
+@pytest.mark.parametrize("inputs,reason", [
+    ({"steps": 0}, "value_smaller_than_min"),
+    ({"learning_rate": 3.0}, "value_bigger_than_max"),
+    ({"resolution": 4096}, "value_bigger_than_max"),
+    ({"training_images": 0}, "value_smaller_than_min"),
+    ({"concepts": "   "}, "concepts is empty"),
+], ids=lambda v: next(iter(v)) if isinstance(v, dict) else None)
+def test_comfyui_itself_refuses_out_of_range_inputs_before_running(comfy, inputs, reason):
+    """ComfyUI's own validation (execution.validate_inputs) checks min/max only for nodes whose VALIDATE_INPUTS takes
+    no **kwargs; a refused prompt is never queued (HTTP 400 naming the input)."""
+    with pytest.raises(AssertionError, match="HTTP 400") as refused:
+        comfy.queue(base_graph({"u": unlearn_node("a dog", "tier2_refused", **inputs)}))
+    assert reason in str(refused.value) and next(iter(inputs)) in str(refused.value)
+    assert not (comfy.base_dir / "models" / "unlearned_deltas" / "tier2_refused.safetensors").exists()
