@@ -45,3 +45,16 @@ def test_gpu_check_refuses_without_cuda_and_dry_runs_on_the_cpu(capsys):
     check = bench.erasure_check("tiny", "cpu", torch.float32, steps=2, images=2, progress=lambda m: None)
     assert check["steps"] == 2 and check["seconds_per_step"] > 0 and check["peak_bytes"] > 0
     assert any("relative row change per step" in n for n in check["notes"])
+
+
+def test_scale_check_a_relative_rate_moves_rows_by_the_same_fraction_whatever_the_weights_size():
+    """Adam's first step moves each entry by about lr, so a row moves by about lr / its RMS: 0.1 with the default
+    relative rate on any model; an absolute rate moves rows of small weights more than rows of large ones."""
+    relative = bench.erasure_check("tiny", "cpu", torch.float32, steps=1, images=2, progress=lambda m: None)
+    assert 0.07 < relative["row_change"][0] < 0.14, relative
+    tenth = bench.erasure_check("tiny", "cpu", torch.float32, steps=1, images=2, progress=lambda m: None,
+                                lr=0.1 * relative["weight_rms"])
+    assert abs(tenth["row_change"][0] - relative["row_change"][0]) < 0.02
+    big = bench.erasure_check("tiny", "cpu", torch.float32, steps=1, images=2, progress=lambda m: None,
+                              lr=0.5 * relative["weight_rms"])
+    assert big["row_change"][0] > 3 * relative["row_change"][0]

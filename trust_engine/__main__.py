@@ -451,6 +451,28 @@ def cmd_bench_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scale_check(args: argparse.Namespace) -> int:
+    """Does a default run move rows by about as much on SD-shaped models as on the testbed? A few engine steps per
+    model (random-init SD shapes, the bundled testbed's own weights), with the relative learning rate and with the
+    old absolute one, printing the median relative row change of each step. A scale check, not an erasure."""
+    import torch
+
+    from .bench import erasure_check
+
+    say = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    print(f"scale check: {args.steps} engine step(s) per model at {args.latent}x{args.latent} latents, float32, "
+          f"{args.device}; row change = median over changed rows of |row step| / |row|")
+    print(f"{'model':<8}{'K/V RMS':>9}  {'learning rate':<26}{'row change per step'}")
+    for arch in args.arch:
+        for lr in (None, args.absolute_lr):
+            check = erasure_check(arch, args.device, torch.float32, steps=args.steps, images=2, latent=args.latent,
+                                  progress=say, lr=lr)
+            label = "relative (0.1 x RMS)" if lr is None else f"absolute {lr:g}"
+            print(f"{arch:<8}{check['weight_rms']:>9.4f}  {label:<26}"
+                  + "  ".join(f"{c:.3f}" for c in check["row_change"]))
+    return 0
+
+
 def cmd_gpu_check(args: argparse.Namespace) -> int:
     """On a CUDA machine: bench-scale in float16 and bfloat16, and an SD1.5-shaped erasure through the engine."""
     import torch
@@ -603,6 +625,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=cmd_bench_scale)
 
+    p = sub.add_parser("scale-check", help="relative row change per step of a default run on SD-shaped models vs the "
+                                           "testbed (a few steps; a scale check, not an erasure)")
+    p.add_argument("--arch", nargs="+", choices=("testbed", "tiny", "sd15", "sdxl"), default=["testbed", "sd15"],
+                   help="models (default testbed sd15); sd15/sdxl are random-init SD-shaped UNets")
+    p.add_argument("--steps", type=int, default=2, help="engine steps per model (default 2)")
+    p.add_argument("--latent", type=int, default=8, help="latent size (default 8: the scale, not the picture, matters)")
+    p.add_argument("--absolute-lr", type=float, default=5e-3, help="the absolute rate to compare with (default 5e-3, "
+                                                                    "the old default)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_scale_check)
     p = sub.add_parser("gpu-check", help="on a CUDA GPU: bench-scale in float16/bfloat16 and an SD1.5-shaped "
                                          "erasure, with max_memory_allocated and seconds per step")
     p.add_argument("--device", default="cuda", help="cuda (default); cpu for a dry run of the harness")

@@ -294,18 +294,26 @@ def _ratios(row: dict, base: dict | None) -> dict:
 
 
 def erasure_check(arch: str, device: str, dtype: torch.dtype, steps: int = 3, images: int = 4,
-                  latent: int | None = None, progress=print) -> dict:
+                  latent: int | None = None, progress=print, lr: float | None = None) -> dict:
     """An SD-shaped erasure end to end through the engine (`unlearn`: data generation, saliency, masked steps) on a
     random-init model; seconds per step and peak device memory. For the day a GPU is at hand (gpu-check)."""
     from . import concepts
     from .unlearn import config_for, unlearn
 
     dev = torch.device(device)
-    unet, vae, clip, image_size = _models(arch, dev, dtype)
-    latent = latent or ARCHS[arch]["latent"]
-    parts, aligner = _engine_parts(arch, unet, vae, clip, image_size, dev, dtype, latent)
+    if arch == "testbed":  # the bundled model's own trained weights, in its own vocabulary
+        from .testbed import bundle
+
+        pipe, parts, aligner = bundle.load_parts()
+        unet, latent, concept = pipe.unet, parts.latent_shape[-1], concepts.expand("triangle", preserve=["a square"])
+    else:
+        torch.manual_seed(0)  # the same random-init model for every call
+        unet, vae, clip, image_size = _models(arch, dev, dtype)
+        latent = latent or ARCHS[arch]["latent"]
+        parts, aligner = _engine_parts(arch, unet, vae, clip, image_size, dev, dtype, latent)
+        concept = concepts.expand("a cat", "individual", preserve=["a dog"])
     config = config_for("cip", steps=steps, forget_images=images, preserve_images=images, gen_steps=10,
-                        batch=min(images, 8), early_stop=None)
+                        batch=min(images, 8), early_stop=None, lr=lr)
     times: list[float] = []
 
     def on_event(event):
@@ -316,7 +324,7 @@ def erasure_check(arch: str, device: str, dtype: torch.dtype, steps: int = 3, im
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    result = unlearn(parts, concepts.expand("a cat", "individual", preserve=["a dog"]), config, aligner, on_event)
+    result = unlearn(parts, concept, config, aligner, on_event)
     if dev.type == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
@@ -325,7 +333,18 @@ def erasure_check(arch: str, device: str, dtype: torch.dtype, steps: int = 3, im
     per_step = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else float("nan")
     return {"arch": arch, "device": device, "dtype": str(dtype), "latent": latent, "steps": result.steps_run,
             "seconds_per_step": per_step, "seconds_total": time.perf_counter() - start, "peak_bytes": peak,
-            "rows_changed": sum(d.rank for d in result.delta.sites.values()), "notes": result.notes}
+            "rows_changed": sum(d.rank for d in result.delta.sites.values()), "notes": result.notes,
+            "row_change": [h["row_change"] for h in result.history if "row_change" in h],
+            "weight_rms": _site_rms(unet)}
+
+
+def _site_rms(unet) -> float:
+    """RMS of the trainable (K/V) cross-attention weights: the scale a relative learning rate follows."""
+    from .unet_view import find_sites, site_weights
+
+    sites = [s for s in find_sites(unet) if s.kind in ("k", "v")]
+    weights = site_weights(unet, sites)
+    return float(torch.cat([w.float().reshape(-1) for w in weights.values()]).pow(2).mean().sqrt())
 
 
 def _out_of_memory(out: subprocess.CompletedProcess) -> bool:
