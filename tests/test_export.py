@@ -1,7 +1,8 @@
 """A delta for diffusers users, on an SD1.5-layout UNet: apply_to_pipeline (in place, = base + strength x delta,
 refused on another base) and export_diffusers (a file diffusers' own kohya converter maps to the same weights)."""
 
-import warnings
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from trust_engine.delta import BaseMismatchError, Delta, RowDelta, fingerprint
 from trust_engine.export import apply_to_pipeline, export_diffusers
 from trust_engine.sketch import SKETCH_KEY, sketch
 from trust_engine.unet_view import UnknownArchitectureError, find_sites, site_weights
+
+ROOT = Path(__file__).resolve().parents[1]
 
 torch.set_num_threads(1)
 
@@ -154,6 +157,8 @@ def test_export_is_read_by_diffusers_as_the_same_weights(tmp_path):
     path = export_diffusers(original, tmp_path / "diffusers.safetensors")
     keys = list(load_file(path))
     assert keys and not [k for k in keys if k.endswith((".diff", ".alpha"))]
+    with_config = load_file(export_diffusers(delta, tmp_path / "c.safetensors", unet.config))
+    assert all(torch.equal(with_config[k], v) for k, v in load_file(path).items()) and len(with_config) == len(keys)
     base = _weights_by_site(unet)
     reading = _diffusers_reading(StableDiffusionPipeline, path, unet)
     sites = {s.name: s for s in find_sites(unet, include_out=True)}
@@ -173,6 +178,10 @@ def test_export_for_sdxl_needs_its_config(tmp_path):
     delta = _random_delta(unet)
     with pytest.raises(UnknownArchitectureError, match="pass the config"):
         export_diffusers(delta, tmp_path / "x.safetensors")  # the default is the SD1.x/SD2.x layout
+    mid = Delta({n: d for n, d in delta.sites.items() if n.startswith("middle_block.1.transformer_blocks.0.")})
+    assert mid.sites and any(n.endswith("to_k") or n.endswith("to_v") for n in mid.sites)
+    with pytest.raises(UnknownArchitectureError, match="text width is \\[48\\]"):  # names SD1.5 has too: width refuses
+        export_diffusers(mid, tmp_path / "x.safetensors")
     path = export_diffusers(delta, tmp_path / "x.safetensors", unet.config)
     reading = _diffusers_reading(StableDiffusionXLPipeline, path, unet, unet_config=unet.config)
     base = _weights_by_site(unet)
@@ -205,3 +214,26 @@ def test_cli_export(tmp_path, capsys):
     ):
         assert main(["export", *argv]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_testbed_delta_through_the_cli(tmp_path):
+    """A delta from a real erasure (the fixture, with dense `.diff` sites) on the testbed's own diffusers folder."""
+    from diffusers import StableDiffusionPipeline
+
+    from trust_engine.testbed import bundle
+
+    fixture = ROOT / "tests" / "fixtures" / "deltas" / "erase_triangle.safetensors"
+    assert any(k.endswith(".diff") for k in load_file(fixture))
+    folder = ROOT / "trust_engine" / "testbed" / "weights" / "pipeline"
+    out = tmp_path / "triangle-diffusers.safetensors"
+    assert main(["export", "--delta", str(fixture), "--out", str(out)]) == 2  # text width 128: not SD1.x/SD2.x
+    assert main(["export", "--delta", str(fixture), "--out", str(out), "--model", str(folder)]) == 0
+    pipe = bundle.load_pipeline()  # a fresh copy: it is changed in place
+    base = _weights_by_site(pipe.unet)
+    delta = apply_to_pipeline(pipe, fixture)  # the fixture was made on the bundled testbed: the base check passes
+    reading = _diffusers_reading(StableDiffusionPipeline, out, pipe.unet)
+    sites = {s.name: s for s in find_sites(pipe.unet, include_out=True)}
+    assert set(reading) == {sites[n].diffusers_name for n in delta.sites}
+    for name in delta.sites:
+        fused = base[name] + reading[sites[name].diffusers_name]
+        assert torch.equal(fused, site_weights(pipe.unet, [sites[name]])[name]), name

@@ -28,11 +28,11 @@ def _tokenizer():
     return CLIPTokenizer.from_pretrained(TOKENIZER)
 
 
-def _text_config(tokenizer, hidden: int, projection: int = 16):
+def _text_config(tokenizer, hidden: int, projection: int = 16, layers: int = 3):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                          num_hidden_layers=3, num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
+                          num_hidden_layers=layers, num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                           pad_token_id=tokenizer.pad_token_id, projection_dim=projection, hidden_act="gelu")
 
@@ -69,22 +69,23 @@ def build_sd2_v(folder: Path, seed: int = 0) -> Path:
 
 def sd15_unet(seed: int = 0):
     """A UNet2DConditionModel with SD1.5's layout at toy width: diffusers' default block types (three cross-attention
-    down levels, a plain one, mirrored up), two layers per level, 16 transformer blocks, one per attention."""
+    down levels, a plain one, mirrored up), two layers per level, 16 transformer blocks, one per attention, and
+    SD1.x's text width 768."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 8, 16, 16),
-                                layers_per_block=2, cross_attention_dim=12, attention_head_dim=2, norm_num_groups=4)
+                                layers_per_block=2, cross_attention_dim=768, attention_head_dim=2, norm_num_groups=4)
 
 
 def sd15_pipeline(seed: int = 0):
-    """An in-memory StableDiffusionPipeline around sd15_unet (text width 12, DDIM epsilon schedule)."""
+    """An in-memory StableDiffusionPipeline around sd15_unet (a toy 768-wide text encoder, DDIM epsilon schedule)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextModel
 
     unet = sd15_unet(seed)
     tokenizer = _tokenizer()
-    text_encoder = CLIPTextModel(_text_config(tokenizer, 12))
+    text_encoder = CLIPTextModel(_text_config(tokenizer, 768, layers=1))
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
     return StableDiffusionPipeline(vae=_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,

@@ -25,6 +25,7 @@ from .unet_view import UnknownArchitectureError, find_sites, name_map, set_site_
 
 EXPORT_KEY = "trust_export"  # metadata of an exported file: which loader it is written for
 EXPORT_VALUE = "diffusers-kohya"
+SD_TEXT_WIDTHS = (768, 1024)  # CLIP text widths of SD1.x and SD2.x: a delta with others needs its UNet's config
 
 
 def _unet(pipe_or_unet: Any) -> nn.Module:
@@ -101,6 +102,14 @@ def apply_to_pipeline(
 def diffusers_lora_tensors(delta: Delta, unet_config: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """The tensors of `export_diffusers`: per changed site `lora_unet_<diffusers module path with '_'>` with
     lora_up.weight (one-hot row selector, out x R) and lora_down.weight (the R changed rows), and no alpha."""
+    if unet_config is None:
+        widths = {d.in_features for n, d in delta.sites.items() if n.endswith(("to_k", "to_v"))}
+        if widths - set(SD_TEXT_WIDTHS):
+            raise UnknownArchitectureError(
+                f"this delta's text width is {sorted(widths)}, not SD1.x's or SD2.x's ({' or '.join(map(str, SD_TEXT_WIDTHS))}), "
+                f"so the default SD1.x/SD2.x layout may not be its UNet's: pass the config of the UNet it was made for "
+                f"(pipe.unet.config, or --model on the command line), e.g. for SDXL"
+            )
     table = name_map(unet_config or {})
     missing = [n for n in delta.sites if n not in table]
     if missing:
@@ -144,7 +153,8 @@ def export_diffusers(
     its UNet-to-peft key renaming and `get_peft_kwargs` (not through peft itself, which TRuST does not install).
 
     `unet_config`: the config of the UNet the delta is for (`pipe.unet.config`); the default is diffusers' default
-    UNet layout, which is SD1.x's and SD2.x's. SDXL needs its config. The TRuST metadata (concepts, base
+    UNet layout, which is SD1.x's and SD2.x's, taken only for a delta whose K/V text width is theirs (768 or 1024).
+    SDXL, and any other layout, needs its config. The TRuST metadata (concepts, base
     fingerprint, ...) is kept, but the file is not a TRuST delta: keep the original for the ComfyUI nodes and the CLI."""
     delta = _delta(path_or_delta)
     tensors = diffusers_lora_tensors(delta, unet_config)
