@@ -77,7 +77,8 @@ def apply_to_pipeline(
         apply_to_pipeline(pipe, "cat.safetensors")          # pipe now generates without the concept
 
     The sum is formed in at least float32 and rounded once to the UNet's dtype. Applying it again adds it again;
-    `strength=-1` takes it out, bit-exactly only in float32 (in half precision, reload the pipeline instead).
+    `strength=-1, check_base=False` takes it out, bit-exactly only in float32 (in half precision, reload the
+    pipeline instead).
 
     With `check_base` (default) a delta made for another base model is refused (BaseMismatchError) by its
     fingerprint; the same base lightly modified (a LoRA fused in) is accepted with a warning if the delta carries a
