@@ -237,3 +237,19 @@ def test_a_testbed_delta_through_the_cli(tmp_path):
     for name in delta.sites:
         fused = base[name] + reading[sites[name].diffusers_name]
         assert torch.equal(fused, site_weights(pipe.unet, [sites[name]])[name]), name
+
+
+def test_load_lora_weights_with_peft(tmp_path):
+    """Where peft is installed (TRuST does not require it; skipped otherwise): diffusers' own load_lora_weights and
+    fuse_lora give, at every site, bit for bit the weights apply_to_pipeline gives."""
+    pytest.importorskip("peft")
+    pipe, reference = sd15_pipeline(), sd15_pipeline()
+    delta = _random_delta(pipe.unet)
+    pipe.load_lora_weights(str(export_diffusers(delta, tmp_path / "x.safetensors")))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    apply_to_pipeline(reference, delta)
+    sites = find_sites(pipe.unet, include_out=True)
+    got, want = site_weights(pipe.unet, sites), site_weights(reference.unet, sites)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    assert not all(torch.equal(got[n], w) for n, w in site_weights(sd15_pipeline().unet, sites).items())
