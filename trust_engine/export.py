@@ -107,9 +107,10 @@ def diffusers_lora_tensors(delta: Delta, unet_config: Mapping[str, Any] | None =
         widths = {d.in_features for n, d in delta.sites.items() if n.endswith(("to_k", "to_v"))}
         if widths - set(SD_TEXT_WIDTHS):
             raise UnknownArchitectureError(
-                f"this delta's text width is {sorted(widths)}, not SD1.x's or SD2.x's ({' or '.join(map(str, SD_TEXT_WIDTHS))}), "
-                f"so the default SD1.x/SD2.x layout may not be its UNet's: pass the config of the UNet it was made for "
-                f"(pipe.unet.config, or --model on the command line), e.g. for SDXL"
+                f"this delta's text width is {sorted(widths)}, not SD1.x's or SD2.x's "
+                f"({' or '.join(map(str, SD_TEXT_WIDTHS))}), so the default SD1.x/SD2.x layout may not be its UNet's: "
+                f"pass the config of the UNet it was made for (pipe.unet.config, or --model on the command line), "
+                f"e.g. for SDXL"
             )
     table = name_map(unet_config or {})
     missing = [n for n in delta.sites if n not in table]
@@ -150,13 +151,14 @@ def export_diffusers(
     per-module alphas of such a file by the old `...attn2.processor.to_q_lora.down.weight` names, which match no
     module, so sites whose rank differs from the most common one would get scale (common alpha) / (own rank);
     without alphas it gives every module lora_alpha = its rank (diffusers' `get_peft_kwargs`). (Kohya-style
-    loaders such as ComfyUI's read a missing alpha as scale 1 as well; not tested here.) Tested through diffusers' `lora_state_dict`, its kohya converter,
-    its UNet-to-peft key renaming and `get_peft_kwargs` (not through peft itself, which TRuST does not install).
+    loaders such as ComfyUI's read a missing alpha as scale 1 as well; not tested here.) Tested through diffusers'
+    `lora_state_dict`, its kohya converter, its UNet-to-peft key renaming and `get_peft_kwargs`, and, where peft is
+    installed (TRuST does not require it), through `load_lora_weights` + `fuse_lora`.
 
     `unet_config`: the config of the UNet the delta is for (`pipe.unet.config`); the default is diffusers' default
     UNet layout, which is SD1.x's and SD2.x's, taken only for a delta whose K/V text width is theirs (768 or 1024).
-    SDXL, and any other layout, needs its config. The TRuST metadata (concepts, base
-    fingerprint, ...) is kept, but the file is not a TRuST delta: keep the original for the ComfyUI nodes and the CLI."""
+    SDXL, and any other layout, needs its config. The TRuST metadata (concepts, base fingerprint, ...) is kept,
+    but the file is not a TRuST delta: keep the original for the ComfyUI nodes and the CLI."""
     delta = _delta(path_or_delta)
     tensors = diffusers_lora_tensors(delta, unet_config)
     metadata = {**delta.metadata, EXPORT_KEY: EXPORT_VALUE}
