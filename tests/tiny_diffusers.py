@@ -1,5 +1,6 @@
-"""Small random-init diffusers folders built on the spot (no download): an SD2-style v-prediction pipeline and an
-SDXL pipeline, with the testbed's tokenizer. Shapes follow their families at toy width; the weights mean nothing.
+"""Small random-init diffusers models built on the spot (no download): an SD2-style v-prediction pipeline folder, an
+SDXL pipeline folder and an in-memory SD1.5-layout pipeline, with the testbed's tokenizer. Shapes follow their
+families at toy width; the weights mean nothing.
 """
 
 from __future__ import annotations
@@ -11,17 +12,27 @@ import torch
 TOKENIZER = Path(__file__).resolve().parents[1] / "trust_engine" / "testbed" / "weights" / "pipeline" / "tokenizer"
 
 
+# build_sdxl's UNet: SDXL's layout (no attention at the first level, 2 transformer blocks at the last) at toy width
+SDXL_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2), cross_attention_dim=16 + 32, attention_head_dim=(2, 4),
+    use_linear_projection=True, norm_num_groups=8, addition_embed_type="text_time", addition_time_embed_dim=4,
+    projection_class_embeddings_input_dim=6 * 4 + 24,
+)
+
+
 def _tokenizer():
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(TOKENIZER)
 
 
-def _text_config(tokenizer, hidden: int, projection: int = 16):
+def _text_config(tokenizer, hidden: int, projection: int = 16, layers: int = 3):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                          num_hidden_layers=3, num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
+                          num_hidden_layers=layers, num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                           pad_token_id=tokenizer.pad_token_id, projection_dim=projection, hidden_act="gelu")
 
@@ -56,6 +67,40 @@ def build_sd2_v(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def sd15_unet(seed: int = 0):
+    """A UNet2DConditionModel with SD1.5's layout at toy width: diffusers' default block types (three cross-attention
+    down levels, a plain one, mirrored up), two layers per level, 16 transformer blocks, one per attention, and
+    SD1.x's text width 768."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 8, 16, 16),
+                                layers_per_block=2, cross_attention_dim=768, attention_head_dim=2, norm_num_groups=4)
+
+
+def sd15_pipeline(seed: int = 0):
+    """An in-memory StableDiffusionPipeline around sd15_unet (a toy 768-wide text encoder, DDIM epsilon schedule)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    unet = sd15_unet(seed)
+    tokenizer = _tokenizer()
+    text_encoder = CLIPTextModel(_text_config(tokenizer, 768, layers=1))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionPipeline(vae=_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def sdxl_unet(seed: int = 0):
+    """The UNet of build_sdxl, alone."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**SDXL_UNET)
+
+
 def build_sdxl(folder: Path, seed: int = 0) -> Path:
     """A StableDiffusionXLPipeline folder: two text encoders (the second with a projection: pooled embeds), a UNet
     with text_time added conditioning, an epsilon schedule, force_zeros_for_empty_prompt as in SDXL base."""
@@ -66,13 +111,7 @@ def build_sdxl(folder: Path, seed: int = 0) -> Path:
     tokenizer = _tokenizer()
     text_encoder = CLIPTextModel(_text_config(tokenizer, 16))
     text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer, 32, projection=24))
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2), cross_attention_dim=16 + 32, attention_head_dim=(2, 4),
-        use_linear_projection=True, norm_num_groups=8, addition_embed_type="text_time", addition_time_embed_dim=4,
-        projection_class_embeddings_input_dim=6 * 4 + 24,
-    )
+    unet = UNet2DConditionModel(**SDXL_UNET)
     # SDXL base ships an EulerDiscreteScheduler config; the engine builds its own DDIM from the same schedule
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")

@@ -1,5 +1,5 @@
 """Command line: `python -m trust_engine <command>`; the bundled testbed is the default model everywhere.
-Commands: demo (the main job), unlearn, evaluate, saliency, figures, bench-scale, testbed-check.
+Commands: demo (the main job), unlearn, evaluate, export, saliency, figures, bench-scale, testbed-check.
 """
 
 from __future__ import annotations
@@ -215,6 +215,20 @@ def _evaluate_on_model(args: argparse.Namespace, delta) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """A delta as a LoRA file diffusers' load_lora_weights takes (diffusers module names, no .diff keys)."""
+    from .delta import Delta
+    from .export import export_diffusers
+
+    delta = Delta.load(args.delta)
+    config = json.loads((Path(args.model) / "unet" / "config.json").read_text()) if args.model else None
+    out = export_diffusers(delta, args.out, config)
+    rows = sum(d.rank for d in delta.sites.values())
+    print(f"{out}: {len(delta.sites)} sites, {rows} rows, for diffusers' pipe.load_lora_weights (needs peft), "
+          f"layout of {'--model ' + args.model if args.model else 'SD1.x/SD2.x (pass --model for SDXL)'}")
+    return 0
+
+
 def cmd_saliency(args: argparse.Namespace) -> int:
     """Concept saliency alone: which Q/K/V rows carry the concept (summary, per-block table, optional heatmap PNG)."""
     import torch
@@ -278,7 +292,7 @@ def _check_inputs(args: argparse.Namespace) -> None:
     not writable, a --model that does not exist."""
     from .ranges import check
 
-    if args.command not in ("unlearn", "demo", "figures", "evaluate"):
+    if args.command not in ("unlearn", "demo", "figures", "evaluate", "export"):
         return
     for dest, name in _RANGED.items():
         if getattr(args, dest, None) is not None:
@@ -289,7 +303,7 @@ def _check_inputs(args: argparse.Namespace) -> None:
     if model and Path(model).is_dir() and not (Path(model) / "model_index.json").is_file():
         raise ValueError(f"--model {model}: this folder has no model_index.json, so it is not a diffusers pipeline "
                          f"folder (save one with pipe.save_pretrained)")
-    if args.command == "unlearn":
+    if args.command in ("unlearn", "export"):
         out = Path(args.out)
         folder = out.parent if str(out.parent) else Path(".")
         if out.is_dir():
@@ -298,6 +312,17 @@ def _check_inputs(args: argparse.Namespace) -> None:
             raise ValueError(f"--out {out}: the folder {folder} does not exist; create it first")
         if not os.access(folder, os.W_OK):
             raise ValueError(f"--out {out}: the folder {folder} is not writable")
+    if args.command == "export":
+        delta = Path(args.delta)
+        if not delta.is_file():
+            raise ValueError(f"--delta {delta}: no such file (give a delta written by unlearn or the ComfyUI nodes)")
+        if not os.access(delta, os.R_OK):
+            raise ValueError(f"--delta {delta}: the file is not readable")
+        if delta.resolve() == Path(args.out).resolve():
+            raise ValueError(f"--out {args.out} is the delta itself: give another file name")
+        if model and not (Path(model) / "unet" / "config.json").is_file():
+            raise ValueError(f"--model {model}: no unet/config.json in this folder (give the diffusers pipeline "
+                             f"folder the delta was made for)")
 
 
 def _check_base(delta) -> None:
@@ -577,6 +602,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     model_options(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="write a delta as a LoRA file diffusers' pipe.load_lora_weights reads "
+                                      "(diffusers module names, no .diff keys; loading it needs peft)")
+    p.add_argument("--delta", required=True, help="a delta file written by unlearn or the ComfyUI nodes")
+    p.add_argument("--out", required=True, help="the file to write, e.g. cat-diffusers.safetensors")
+    p.add_argument("--model", help="the diffusers folder the delta was made for (only its unet/config.json is "
+                                   "read); default: the SD1.x/SD2.x UNet layout. Needed for SDXL")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("saliency", help="find the concept neurons (Q/K/V rows) of a concept: summary, per-block "
                                         "table and optionally the heatmap PNG")

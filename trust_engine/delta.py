@@ -103,6 +103,15 @@ class RowDelta:
         return out
 
 
+def row_factors(d: RowDelta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact rank-R LoRA factors of a site's R changed rows, on the CPU: lora_up = one-hot row selector (out x R),
+    lora_down = the rows (R x in), alpha = R; up @ down * alpha / R is the dense delta bit for bit."""
+    r = d.rank
+    up = torch.zeros(d.out_features, r, dtype=d.values.dtype)
+    up[d.rows.cpu(), torch.arange(r)] = 1
+    return up, d.values.cpu().contiguous(), torch.tensor(float(r))
+
+
 @dataclass
 class Delta:
     """Row-sparse weight differences per site (canonical LDM names, see unet_view), plus str -> str metadata and
@@ -192,11 +201,10 @@ class Delta:
             if r * (d.out_features + d.in_features) > d.out_features * d.in_features:
                 tensors[f"{key}.diff"] = d.dense().cpu().contiguous()
                 continue
-            up = torch.zeros(d.out_features, r, dtype=d.values.dtype)
-            up[d.rows.cpu(), torch.arange(r)] = 1
+            up, down, alpha = row_factors(d)
             tensors[f"{key}.lora_up.weight"] = up
-            tensors[f"{key}.lora_down.weight"] = d.values.cpu().contiguous()
-            tensors[f"{key}.alpha"] = torch.tensor(float(r))
+            tensors[f"{key}.lora_down.weight"] = down
+            tensors[f"{key}.alpha"] = alpha
         return tensors
 
     def save(self, path: str | os.PathLike[str]) -> Path:
