@@ -40,7 +40,7 @@ CLI = [
                                                                   "distinct letters"),
     (["unlearn", "--concept", "triangle", "--out", "{tmp}/missing/d.safetensors"], "does not exist; create it first"),
     (["unlearn", "--concept", "triangle", "--out", "{tmp}"], "is a folder: give a file name"),
-    (["unlearn", "--concept", "triangle", "--model", "{tmp}/nowhere"], "no such file or folder"),
+    (["unlearn", "--concept", "triangle", "--model", "{tmp}/nowhere"], "does not exist"),
     (["unlearn", "--concept", "triangle", "--model", "{tmp}"], "has no model_index.json"),
     (["unlearn", "--concept", "   "], "type the concept"),
     (["evaluate", "--delta", "{tmp}/d.safetensors", "--seeds", "0"], "--seeds must be an integer from 1 to 64"),

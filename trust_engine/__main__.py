@@ -297,12 +297,10 @@ def _check_inputs(args: argparse.Namespace) -> None:
     for dest, name in _RANGED.items():
         if getattr(args, dest, None) is not None:
             check(name, getattr(args, dest), "--" + dest.replace("_", "-"))
-    model = getattr(args, "model", None)
-    if model and not Path(model).exists():
-        raise ValueError(f"--model {model}: no such file or folder (give a diffusers Stable Diffusion folder)")
-    if model and Path(model).is_dir() and not (Path(model) / "model_index.json").is_file():
-        raise ValueError(f"--model {model}: this folder has no model_index.json, so it is not a diffusers pipeline "
-                         f"folder (save one with pipe.save_pretrained)")
+    if getattr(args, "model", None) and args.command != "export":  # export reads only the folder's unet/config.json
+        from .loading import inspect_model
+
+        inspect_model(args.model)  # the one check of a --model folder (trust_engine.loading), before any work
     if args.command in ("unlearn", "export"):
         out = Path(args.out)
         folder = out.parent if str(out.parent) else Path(".")
@@ -320,6 +318,7 @@ def _check_inputs(args: argparse.Namespace) -> None:
             raise ValueError(f"--delta {delta}: the file is not readable")
         if delta.resolve() == Path(args.out).resolve():
             raise ValueError(f"--out {args.out} is the delta itself: give another file name")
+        model = getattr(args, "model", None)
         if model and not (Path(model) / "unet" / "config.json").is_file():
             raise ValueError(f"--model {model}: no unet/config.json in this folder (give the diffusers pipeline "
                              f"folder the delta was made for)")
