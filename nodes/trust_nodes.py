@@ -224,9 +224,10 @@ class TrustConceptSaliency:
             progress = host.HostProgress(unique_id, 0, steps)
             with host.comfy_parts(model, clip, vae, resolution, need_decoder=aligner is not None) as parts, \
                     host.aligner_on_device(aligner):
-                deltas = SiteDeltas(parts.unet, find_sites(parts.unet))
                 config = SaliencyConfig(xi=xi, steps=steps, images=images)
+                # ComfyUI runs nodes under inference mode: the private tree and its probes must be normal tensors
                 with torch.inference_mode(False), torch.enable_grad():
+                    deltas = SiteDeltas(parts.unet, find_sites(parts.unet))
                     result = estimate(parts, deltas, list(expanded.forget), config, aligner, anchor or "",
                                       torch.Generator().manual_seed(saliency_seed), _cfg(family), progress)
                 return ConceptNeurons(concept, _detach(result), fingerprint(deltas.base))

@@ -172,7 +172,8 @@ class _Sched:
 
 def test_saliency_node_gives_neurons_a_heatmap_and_a_summary(pack, host):
     model, clip, vae = host
-    out = node(pack, "TrustConceptSaliency").find(model, clip, vae, "a triangle", 2.0, 0, 4, 1, resolution=32)
+    with torch.inference_mode():  # as ComfyUI's executor runs every node
+        out = node(pack, "TrustConceptSaliency").find(model, clip, vae, "a triangle", 2.0, 0, 4, 1, resolution=32)
     neurons, heatmap, summary = out["result"]
     assert neurons.result.total() > 0
     assert heatmap.ndim == 4 and heatmap.shape[-1] == 3 and heatmap.shape[1] > 100
