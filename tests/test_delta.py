@@ -204,3 +204,121 @@ def test_sketch_tells_a_lightly_modified_base_from_another_model():
     other = {n: torch.randn(w.shape, generator=g) for n, w in base.items()}
     assert abs(sketch.agreement(stored, other) - 0.5) < 0.05
     assert sketch.agreement("not a sketch", base) is None
+
+
+# --- dense parameter differences (any UNet weight or bias), written as fp16 .diff / .diff_b ---
+
+FF = "input_blocks.1.1.transformer_blocks.0.ff.net.2"
+OUT_B = "output_blocks.11.1.transformer_blocks.0.attn2.to_out.0"
+
+
+def _mixed_delta() -> Delta:
+    g = torch.Generator().manual_seed(5)
+    ff = torch.zeros(320, 1280)
+    ff.view(-1)[torch.randperm(320 * 1280, generator=g)[:500]] = torch.randn(500, generator=g)  # unstructured
+    params = {
+        f"{FF}.weight": ff,
+        f"{FF}.bias": torch.randn(320, generator=g) * 1e-2,
+        f"{OUT_B}.weight": torch.randn(320, 320, generator=g) * 1e-3,
+        f"{OUT_B}.bias": torch.randn(320, generator=g) * 1e-3,
+    }
+    base = _delta()
+    return Delta(base.sites, {"method": "fia", "config": '{"r1": 0.05}'}, base.base_fingerprint, params)
+
+
+def test_dense_params_round_trip_as_fp16_diff_and_diff_b_beside_the_exact_lora(tmp_path):
+    delta = _mixed_delta()
+    path = delta.save(tmp_path / "d.safetensors")
+    tensors = load_file(path)
+    ff, out = lora_key(FF), lora_key(OUT_B)
+    assert ff == "lora_unet_input_blocks_1_1_transformer_blocks_0_ff_net_2"
+    assert {f"{ff}.diff", f"{ff}.diff_b", f"{out}.diff", f"{out}.diff_b"} <= set(tensors)
+    assert all(tensors[k].dtype == torch.float16 for k in (f"{ff}.diff", f"{ff}.diff_b", f"{out}.diff"))
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["trust_delta_format"] == "2" and meta["method"] == "fia"
+    loaded = Delta.load(path)
+    assert loaded.metadata == delta.metadata and loaded.base_fingerprint == delta.base_fingerprint
+    # the LoRA part is unchanged and exact
+    assert list(loaded.sites) == [K] and torch.equal(loaded.dense(K), delta.dense(K))
+    key = lora_key(K)
+    up, down = tensors[f"{key}.lora_up.weight"], tensors[f"{key}.lora_down.weight"]
+    assert torch.equal(torch.mm(up, down) * (tensors[f"{key}.alpha"].item() / down.shape[0]), delta.dense(K))
+    # the dense part comes back as the fp16 rounding of each difference, zeros of the mask still exactly zero
+    assert set(loaded.params) == set(delta.params)
+    for name, diff in delta.params.items():
+        assert torch.equal(loaded.params[name], diff.half()), name
+    assert torch.equal(loaded.params[f"{FF}.weight"] != 0, delta.params[f"{FF}.weight"] != 0)
+    assert set(loaded.diffs()) == {f"{K}.weight", *delta.params}
+
+
+def test_fp16_diff_applied_is_base_plus_diff_within_fp16_rounding(tmp_path):
+    delta = _mixed_delta()
+    loaded = Delta.load(delta.save(tmp_path / "d.safetensors"))
+    g = torch.Generator().manual_seed(6)
+    base = {name: torch.randn(d.shape, generator=g) for name, d in delta.diffs().items()}
+    before = {n: w.clone() for n, w in base.items()}
+    new = loaded.apply_to_params(base)
+    assert all(torch.equal(base[n], before[n]) for n in base), "inputs untouched"
+    for name, diff in delta.params.items():
+        exact = base[name] + diff
+        # one fp16 rounding of the difference: relative error <= 2^-11, absolute <= 2^-25 near zero (subnormals)
+        assert bool(((new[name] - exact).abs() <= diff.abs() * 2.0**-11 + 2.0**-24 + exact.abs() * 2.0**-23).all())
+        assert not torch.equal(new[name], base[name])
+    assert torch.equal(new[f"{K}.weight"], base[f"{K}.weight"] + delta.dense(K))
+    half = loaded.apply_to_params({n: w.half() for n, w in base.items()}, strength=0.5)
+    assert half[f"{FF}.weight"].dtype == torch.float16
+    halfway = loaded.apply_to_params(base, strength=0.5)[f"{FF}.bias"]
+    assert torch.equal(halfway, base[f"{FF}.bias"] + 0.5 * loaded.params[f"{FF}.bias"].float())
+    assert torch.equal(loaded.scaled(0.5).params[f"{FF}.bias"], loaded.params[f"{FF}.bias"] * 0.5)
+
+
+def test_every_file_key_is_one_a_stock_loader_maps_to_a_unet_parameter(tmp_path):
+    """ComfyUI (comfy.lora.model_lora_keys_unet + load_lora) maps `lora_unet_<LDM module path, . -> _>` to the
+    module's `.weight`, `.diff` patches that weight and `.diff_b` its bias; AUTOMATIC1111 maps the same key to the
+    module named `diffusion_model_<path>` and reads `diff` / `diff_b`. Emulated here on SD1.5-shaped LDM names."""
+    delta = _mixed_delta()
+    tensors = delta.to_lora()
+    shapes = {f"{FF}.weight": (320, 1280), f"{FF}.bias": (320,), f"{OUT_B}.weight": (320, 320), f"{OUT_B}.bias": (320,),
+              f"{K}.weight": (320, 768)}
+    key_map = {"lora_unet_" + n[: -len(".weight")].replace(".", "_"): n for n in shapes if n.endswith(".weight")}
+    patched = {}
+    for key, tensor in tensors.items():
+        stem, part = key.split(".", 1)
+        weight = key_map[stem]
+        if part == "diff":
+            patched[weight] = tensor.float()
+        elif part == "diff_b":
+            patched[weight[: -len(".weight")] + ".bias"] = tensor.float()
+    for name, shape in shapes.items():
+        if name != f"{K}.weight":
+            assert tuple(patched[name].shape) == shape, name
+    with pytest.raises(ValueError, match="no weight difference"):
+        Delta({}, params={f"{FF}.bias": torch.ones(320)}).to_lora()
+
+
+def test_v1_files_load_as_before_and_dense_param_errors_are_specific(tmp_path):
+    from safetensors.torch import save_file
+
+    old = tmp_path / "v1.safetensors"
+    diff = torch.zeros(8, 4)
+    diff[[0, 1, 2, 3, 4]] = 1.0
+    save_file({f"{lora_key(V)}.diff": diff}, str(old), metadata={"trust_delta_format": "1"})
+    loaded = Delta.load(old)
+    assert list(loaded.sites) == [V] and not loaded.params and torch.equal(loaded.dense(V), diff)
+    with pytest.raises(ValueError, match="not an LDM UNet parameter"):
+        Delta({}, params={"down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2.weight": torch.ones(2, 2)})
+    with pytest.raises(ValueError, match="both a row-sparse site and a dense parameter"):
+        Delta(_delta().sites, params={f"{K}.weight": torch.ones(320, 768)})
+    with pytest.raises(ValueError, match="row-sparse weight and a dense bias"):
+        Delta(_delta().sites, params={f"{K}.bias": torch.ones(320)})
+    with pytest.raises(ValueError, match="finite"):
+        Delta({}, params={f"{FF}.weight": torch.full((2, 2), float("inf"))})
+    with pytest.raises(ValueError, match="float16 range"):
+        Delta({}, params={f"{FF}.weight": torch.full((2, 2), 1e6)}).to_lora()
+    unknown = tmp_path / "stray.safetensors"
+    save_file({f"{lora_key(FF)}.diff_b": torch.ones(3)}, str(unknown), metadata={"trust_delta_format": "2"})
+    with pytest.raises(DeltaFileError, match="unexpected tensor"):
+        Delta.load(unknown)
+    with pytest.raises(BaseMismatchError, match="another architecture"):
+        _mixed_delta().apply_to_params({f"{FF}.weight": torch.zeros(320, 1280)})

@@ -1,10 +1,11 @@
-"""The delta: a row-sparse difference to a UNet's cross-attention weights, the one output of an erasure.
-Saved as a kohya-keyed safetensors LoRA that stock loaders read, exact at rank R (or a dense `.diff` where smaller).
+"""The delta, the one output of an erasure: row-sparse differences to cross-attention weights and dense differences
+to any other UNet weight or bias, saved as kohya-keyed safetensors that stock loaders read (exact LoRA, `.diff`/`.diff_b`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -16,10 +17,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-FORMAT_VERSION = "1"
-FORMAT_KEY = "trust_delta_format"  # safetensors metadata key marking a TRuST delta file, value = FORMAT_VERSION
+FORMAT_VERSION = "1"  # files with row-sparse sites only; readers of every version read them
+PARAMS_FORMAT_VERSION = "2"  # files that also hold dense parameter differences (`params`)
+FORMAT_KEY = "trust_delta_format"  # safetensors metadata key marking a TRuST delta file, value = a format version
 FINGERPRINT_KEY = "base_fingerprint"
+DENSE_MODULES_KEY = "trust_dense_modules"  # JSON list of the LDM module names whose .diff / .diff_b are `params`
 LORA_PREFIX = "lora_unet_"
+PARAM_DTYPE = torch.float16  # dtype of dense parameter differences in the file (.diff / .diff_b), as stock LoRAs ship
 
 _LORA_KEY = re.compile(
     r"lora_unet_(?:(?P<io>input|output)_blocks_(?P<i>\d+)_1|middle_block_1)_transformer_blocks_(?P<j>\d+)"
@@ -27,6 +31,13 @@ _LORA_KEY = re.compile(
 )
 _SITE = re.compile(
     r"(input_blocks\.\d+\.1|middle_block\.1|output_blocks\.\d+\.1)\.transformer_blocks\.\d+\.attn2\.(to_q|to_k|to_v|to_out\.0)"
+)
+
+
+# an LDM UNet parameter: a top-level block of UNetModel, then module path segments, then weight or bias
+_PARAM = re.compile(
+    r"(?P<module>(?:input_blocks|middle_block|output_blocks|time_embed|label_emb|out)(?:\.[A-Za-z0-9_]+)*)"
+    r"\.(?P<kind>weight|bias)"
 )
 
 
@@ -114,12 +125,20 @@ def row_factors(d: RowDelta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 @dataclass
 class Delta:
-    """Row-sparse weight differences per site (canonical LDM names, see unet_view), plus str -> str metadata and
-    the fingerprint of the base weights it was made on ('' = unknown)."""
+    """What an erasure changes, in canonical LDM names, plus str -> str metadata and the fingerprint of the base
+    weights it was made on ('' = unknown).
+
+    sites:  row-sparse differences of cross-attention weights (attn2 to_q/to_k/to_v/to_out.0), by site name; saved as
+            the exact rank-R LoRA (or a dense `.diff` where smaller), in the values' own dtype.
+    params: dense differences of any UNet parameter, by LDM parameter name (`...ff.net.2.weight`, `...to_out.0.bias`),
+            for methods whose changes are not row-sparse (unstructured masks, whole-layer edits); saved as `.diff`
+            (weight) / `.diff_b` (bias) in float16, the form stock full-weight LoRAs take. A weight is in one of the two.
+    """
 
     sites: dict[str, RowDelta]
     metadata: dict[str, str] = field(default_factory=dict)
     base_fingerprint: str = ""
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         bad = [name for name in self.sites if not _SITE.fullmatch(name)]
@@ -132,9 +151,30 @@ class Delta:
         }
         if wrong:
             raise TypeError(f"metadata must map str to str (safetensors stores only strings); not str: {wrong}")
-        reserved = {FORMAT_KEY, FINGERPRINT_KEY} & set(self.metadata)
+        reserved = {FORMAT_KEY, FINGERPRINT_KEY, DENSE_MODULES_KEY} & set(self.metadata)
         if reserved:
             raise ValueError(f"metadata keys {sorted(reserved)} are set by Delta itself")
+        params = {}
+        for name, diff in self.params.items():
+            if not _PARAM.fullmatch(name):
+                raise ValueError(
+                    f"{name!r} is not an LDM UNet parameter name (like "
+                    f"input_blocks.1.1.transformer_blocks.0.ff.net.2.weight or ...attn2.to_out.0.bias)"
+                )
+            if not isinstance(diff, torch.Tensor) or not diff.dtype.is_floating_point:
+                raise ValueError(f"the difference of {name} must be a float tensor")
+            diff = diff.detach()
+            if not bool(torch.isfinite(diff).all()):
+                raise ValueError(f"the difference of {name} is not all finite (NaN or inf): the run diverged")
+            params[name] = diff.clone()  # own copy, as RowDelta keeps one
+        both = [n for n in self.sites if f"{n}.weight" in params]
+        if both:
+            raise ValueError(f"{both[0]}.weight is both a row-sparse site and a dense parameter; give it once")
+        mixed = [n for n in self.sites if f"{n}.bias" in params]
+        if mixed:
+            # AUTOMATIC1111 applies one module type per layer: a LoRA weight would drop the layer's .diff_b
+            raise ValueError(f"{mixed[0]} has a row-sparse weight and a dense bias; put its weight in params too")
+        self.params = params
 
     @classmethod
     def from_dense(
@@ -152,10 +192,17 @@ class Delta:
         """The site's full (out x in) difference."""
         return self.sites[site].dense()
 
+    def diffs(self) -> dict[str, torch.Tensor]:
+        """Every changed parameter's full difference, by LDM parameter name (sites as `<site>.weight`)."""
+        out = {f"{name}.weight": d.dense() for name, d in self.sites.items()}
+        out.update(self.params)
+        return out
+
     def scaled(self, strength: float) -> Delta:
         """A new delta whose differences are multiplied by `strength`."""
         sites = {n: RowDelta(d.rows, d.values * strength, d.out_features) for n, d in self.sites.items()}
-        return Delta(sites, dict(self.metadata), self.base_fingerprint)
+        params = {n: d * strength for n, d in self.params.items()}
+        return Delta(sites, dict(self.metadata), self.base_fingerprint, params)
 
     def apply_to(self, weights: Mapping[str, torch.Tensor], strength: float = 1.0) -> dict[str, torch.Tensor]:
         """New tensors weight + strength * delta for the delta's sites (inputs untouched), in each weight's dtype
@@ -181,6 +228,28 @@ class Delta:
             out[name] = new
         return out
 
+    def apply_to_params(self, params: Mapping[str, torch.Tensor], strength: float = 1.0) -> dict[str, torch.Tensor]:
+        """New tensors parameter + strength * difference for every parameter the delta changes, sites included,
+        keyed by LDM parameter name (`params` maps those names to the model's tensors; they are not touched)."""
+        diffs = self.diffs()
+        missing = [n for n in diffs if n not in params]
+        if missing:
+            raise BaseMismatchError(
+                f"this delta changes {len(missing)} parameters this model does not have (e.g. {missing[0]}); "
+                f"it was made for another architecture"
+            )
+        out = {}
+        for name, diff in diffs.items():
+            w = params[name].detach()
+            if tuple(w.shape) != tuple(diff.shape):
+                raise BaseMismatchError(
+                    f"{name} is {tuple(w.shape)} in this model but {tuple(diff.shape)} in the delta; "
+                    f"it was made for another architecture"
+                )
+            compute = torch.promote_types(w.dtype, torch.float32)
+            out[name] = (w.to(compute) + strength * diff.to(w.device, compute)).to(w.dtype)
+        return out
+
     def check_base(self, base_fingerprint: str) -> None:
         """Raise BaseMismatchError if this delta was made on other base weights (no-op if it records none)."""
         if self.base_fingerprint and base_fingerprint != self.base_fingerprint:
@@ -189,10 +258,16 @@ class Delta:
                 f"{base_fingerprint[:12]}; apply it to the model it was trained on, or retrain"
             )
 
+    def dense_modules(self) -> list[str]:
+        """LDM module names whose differences are written as `.diff` / `.diff_b` from `params`, sorted."""
+        return sorted({_PARAM.fullmatch(n)["module"] for n in self.params})
+
     def to_lora(self) -> dict[str, torch.Tensor]:
         """The file's tensors. Per site with R changed rows: lora_up = one-hot row selector (out x R),
         lora_down = the rows (R x in), alpha = R, so up @ down * alpha / R is the dense delta exactly (each output
-        element is one product 1 * x plus exact zeros). A dense `.diff` instead where R * (out + in) > out * in."""
+        element is one product 1 * x plus exact zeros). A dense `.diff` instead where R * (out + in) > out * in.
+        Per dense parameter: `<key>.diff` (weight) or `<key>.diff_b` (bias) in float16, which ComfyUI's
+        `comfy.lora.load_lora` and AUTOMATIC1111's `network_full` read as weight + diff."""
         tensors: dict[str, torch.Tensor] = {}
         for name, d in self.sites.items():
             key, r = lora_key(name), d.rank
@@ -205,16 +280,37 @@ class Delta:
             tensors[f"{key}.lora_up.weight"] = up
             tensors[f"{key}.lora_down.weight"] = down
             tensors[f"{key}.alpha"] = alpha
+        limit = torch.finfo(PARAM_DTYPE).max
+        for name, diff in self.params.items():
+            m = _PARAM.fullmatch(name)
+            if diff.numel() and float(diff.abs().max()) > limit:
+                raise ValueError(f"the difference of {name} exceeds the float16 range (|d| > {limit:g})")
+            suffix = "diff" if m["kind"] == "weight" else "diff_b"
+            tensors[f"{lora_key(m['module'])}.{suffix}"] = diff.to("cpu", PARAM_DTYPE).contiguous()
+        # AUTOMATIC1111 builds a full-weight module only where a `.diff` exists: a bias-only change gets a zero .diff
+        for module in self.dense_modules():
+            key = lora_key(module)
+            if f"{key}.diff_b" in tensors and f"{key}.diff" not in tensors:
+                raise ValueError(
+                    f"{module} has a bias difference but no weight difference; add its weight to params (zeros are "
+                    f"fine) so that AUTOMATIC1111, which needs a .diff beside a .diff_b, applies it"
+                )
         return tensors
+
+    def file_metadata(self) -> dict[str, str]:
+        """The safetensors metadata save writes: the delta's own plus format version, fingerprint, dense modules."""
+        metadata = {**self.metadata, FORMAT_KEY: PARAMS_FORMAT_VERSION if self.params else FORMAT_VERSION}
+        if self.base_fingerprint:
+            metadata[FINGERPRINT_KEY] = self.base_fingerprint
+        if self.params:
+            metadata[DENSE_MODULES_KEY] = json.dumps(self.dense_modules())
+        return metadata
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the LoRA safetensors file (atomically: a crash leaves no half-written file)."""
         path = Path(path)
-        metadata = {**self.metadata, FORMAT_KEY: FORMAT_VERSION}
-        if self.base_fingerprint:
-            metadata[FINGERPRINT_KEY] = self.base_fingerprint
         tmp = path.with_name(path.name + ".partial")
-        save_file(self.to_lora(), str(tmp), metadata=metadata)
+        save_file(self.to_lora(), str(tmp), metadata=self.file_metadata())
         os.replace(tmp, path)
         return path
 
@@ -222,14 +318,30 @@ class Delta:
     def from_lora(cls, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Delta:
         """Inverse of to_lora + the file metadata; raises DeltaFileError for anything to_lora would not write."""
         metadata = dict(metadata)
-        if metadata.pop(FORMAT_KEY, None) != FORMAT_VERSION:
+        version = metadata.pop(FORMAT_KEY, None)
+        if version not in (FORMAT_VERSION, PARAMS_FORMAT_VERSION):
             raise DeltaFileError(
-                f"not a TRuST delta (format {FORMAT_VERSION}): its metadata has no {FORMAT_KEY}={FORMAT_VERSION}. "
-                f"If it is an ordinary LoRA, load it with your host's LoRA loader"
+                f"not a TRuST delta (format {FORMAT_VERSION} or {PARAMS_FORMAT_VERSION}): its metadata has no "
+                f"{FORMAT_KEY}. If it is an ordinary LoRA, load it with your host's LoRA loader"
             )
         fp = metadata.pop(FINGERPRINT_KEY, "")
+        try:
+            dense_modules = json.loads(metadata.pop(DENSE_MODULES_KEY, "[]"))
+            if not isinstance(dense_modules, list) or not all(isinstance(m, str) for m in dense_modules):
+                raise ValueError
+        except ValueError:
+            raise DeltaFileError(f"the file's {DENSE_MODULES_KEY} metadata is damaged (not a JSON list of names)") from None
+        dense_keys = {lora_key(m): m for m in dense_modules}
         parts: dict[str, dict[str, torch.Tensor]] = {}
+        params: dict[str, torch.Tensor] = {}
         for key, tensor in tensors.items():
+            stem, _, suffix = key.partition(".")
+            if stem in dense_keys and suffix in ("diff", "diff_b"):
+                name = f"{dense_keys[stem]}.{'weight' if suffix == 'diff' else 'bias'}"
+                if not _PARAM.fullmatch(name) or not tensor.dtype.is_floating_point:
+                    raise DeltaFileError(f"tensor {key!r} is not a UNet parameter difference: the file is damaged")
+                params[name] = tensor
+                continue
             m = _LORA_KEY.fullmatch(key)
             if m is None:
                 raise DeltaFileError(f"unexpected tensor {key!r}: the file is damaged or was not written by TRuST")
@@ -240,7 +352,10 @@ class Delta:
                 sites[name] = _row_delta_from_parts(p)
             except ValueError as e:
                 raise DeltaFileError(f"site {name} in the file is damaged: {e}") from None
-        return cls({n: d for n, d in sites.items() if d.rank}, metadata, fp)
+        try:
+            return cls({n: d for n, d in sites.items() if d.rank}, metadata, fp, params)
+        except ValueError as e:
+            raise DeltaFileError(f"the file's differences do not form a delta: {e}") from None
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Delta:

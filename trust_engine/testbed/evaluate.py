@@ -120,10 +120,25 @@ def evaluate(pipe, judge, sets: EvalSets, seeds: int = 2, steps: int = check.DEF
 
 
 def apply_delta(pipe, delta, strength: float = 1.0) -> None:
-    """Write base + strength * delta into this (the evaluator's own, freshly loaded) pipeline's UNet."""
+    """Write base + strength * delta into this (the evaluator's own, freshly loaded) pipeline's UNet: its row-sparse
+    sites and its dense parameter differences (any weight or bias inside the transformer blocks)."""
+    from ..unet_params import parameter_map
     from ..unet_view import find_sites, set_site_weight, site_weights
 
     sites = {s.name: s for s in find_sites(pipe.unet, include_out=True)}
     new = delta.apply_to(site_weights(pipe.unet, [sites[n] for n in delta.sites if n in sites]), strength)
     for name, weight in new.items():
         set_site_weight(pipe.unet, sites[name], weight)
+    if delta.params:
+        from ..delta import Delta
+
+        table = parameter_map(pipe.unet)
+        live = dict(pipe.unet.named_parameters())
+        missing = sorted(set(delta.params) - set(table))
+        if missing:
+            raise KeyError(f"this UNet has no parameter {missing[0]!r}; the delta was made for another architecture")
+        dense_only = Delta({}, params=delta.params)  # the sites are written above
+        new = dense_only.apply_to_params({n: live[table[n]].detach() for n in delta.params}, strength)
+        with torch.no_grad():
+            for name, value in new.items():
+                live[table[name]].copy_(value)
