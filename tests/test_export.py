@@ -253,3 +253,24 @@ def test_load_lora_weights_with_peft(tmp_path):
     got, want = site_weights(pipe.unet, sites), site_weights(reference.unet, sites)
     assert all(torch.equal(got[n], want[n]) for n in want)
     assert not all(torch.equal(got[n], w) for n, w in site_weights(sd15_pipeline().unet, sites).items())
+
+
+def test_dense_parameter_differences_are_applied_and_refused_by_the_export(tmp_path):
+    """Deltas of methods that change ff.net.2 or biases (dense .diff / .diff_b) apply through apply_to_pipeline; the
+    diffusers LoRA export cannot carry them and says so instead of dropping them."""
+    from trust_engine.unet_params import parameters
+
+    unet = sd15_unet()
+    base = _random_delta(unet)
+    ff = "input_blocks.1.1.transformer_blocks.0.ff.net.2"
+    live = parameters(unet, [f"{ff}.weight", f"{ff}.bias"])
+    before = {n: p.clone() for n, p in live.items()}
+    g = torch.Generator().manual_seed(3)
+    params = {n: torch.randn(p.shape, generator=g) * 1e-2 for n, p in live.items()}
+    delta = Delta(base.sites, {}, base.base_fingerprint, params)
+    apply_to_pipeline(unet, delta, strength=0.5, check_base=False)
+    for name, diff in params.items():
+        torch.testing.assert_close(live[name], before[name] + 0.5 * diff)
+    with pytest.raises(ValueError, match="apply_to_pipeline instead"):
+        export_diffusers(delta, tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()

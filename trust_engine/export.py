@@ -95,8 +95,20 @@ def apply_to_pipeline(
         if note:
             warnings.warn(f"TRuST: {note}; applied", stacklevel=2)
     new = delta.apply_to(weights, strength)  # checks every site exists with the delta's shape before any write
+    dense = {}
+    if delta.params:  # dense differences (methods that change ff.net.2, all of attn2 or biases)
+        from .unet_params import parameters
+
+        live = parameters(unet, list(delta.params))  # KeyError before any write when one is missing
+        for name, diff in delta.params.items():
+            if tuple(diff.shape) != tuple(live[name].shape):
+                raise UnknownArchitectureError(f"{name}: the delta's difference is {tuple(diff.shape)}, this UNet's "
+                                               f"parameter {tuple(live[name].shape)}: made for another architecture")
+            dense[name] = (live[name].float() + strength * diff.to(live[name].device).float()).to(live[name].dtype)
     for name, weight in new.items():
         set_site_weight(unet, sites[name], weight)
+    for name, value in dense.items():
+        live[name].copy_(value)
     return delta
 
 
@@ -120,6 +132,10 @@ def diffusers_lora_tensors(delta: Delta, unet_config: Mapping[str, Any] | None =
             f"this delta changes {len(missing)} sites that {which} does not have (e.g. {missing[0]}); pass the "
             f"config of the UNet it was made for (pipe.unet.config, or --model on the command line), e.g. for SDXL"
         )
+    if delta.params:
+        raise ValueError(f"this delta also changes {len(delta.dense_modules())} module(s) as dense differences (e.g. "
+                         f"{delta.dense_modules()[0]}), which diffusers' LoRA loader cannot read: apply it with "
+                         f"trust_engine.export.apply_to_pipeline instead")
     tensors: dict[str, torch.Tensor] = {}
     for name, d in delta.sites.items():
         if d.rank == 0:
