@@ -2,6 +2,8 @@
 blocks run under activation checkpointing on private copies. They keep far fewer activations, give the same
 gradients, and leave the host's modules untouched."""
 
+import dataclasses
+
 import torch
 
 from trust_engine import bench, concepts, unlearn
@@ -97,8 +99,12 @@ def test_unet_blocks_are_checkpointed_with_the_same_saliency_gradient(testbed):
     assert wrapped(parts.unet) == 0, "the host's UNet is not changed"
 
 
-def test_the_engine_run_checkpoints_by_default(testbed):
+def test_the_engine_run_checkpoints_sd_sized_latents_by_default(testbed):
     _, parts, aligner = testbed
     merged = concepts.merge([concepts.expand("triangle")])
     config = unlearn.config_for("cip", batch=1, early_stop=None, saliency=SaliencyConfig(steps=2, images=1))
-    assert unlearn.TrustRun(parts, merged, config, aligner, 3.0).deltas.checkpointed > 0
+    sd = dataclasses.replace(parts, latent_shape=(4, 64, 64))  # SD1.5 at 512 px
+    assert unlearn.TrustRun(sd, merged, config, aligner, 3.0).deltas.checkpointed > 0
+    assert unlearn.TrustRun(parts, merged, config, aligner, 3.0).deltas.checkpointed == 0  # small: not worth it
+    forced = dataclasses.replace(config, checkpoint=True)
+    assert unlearn.TrustRun(parts, merged, forced, aligner, 3.0).deltas.checkpointed > 0
