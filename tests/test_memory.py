@@ -90,7 +90,7 @@ def test_unet_blocks_are_checkpointed_with_the_same_saliency_gradient(testbed):
         deltas = SiteDeltas(parts.unet, sites, checkpoint=ckpt)
         assert (deltas.checkpointed > 0) == ckpt
         with deltas.probing() as probes:
-            out, saved[ckpt] = saved_bytes(lambda: parts.denoise(deltas.call, x, t, cond))
+            out, saved[ckpt] = saved_bytes(lambda d=deltas: parts.denoise(d.call, x, t, cond))
             weights = torch.linspace(-1, 1, out.numel()).view_as(out)
             got = torch.autograd.grad((out * weights).sum(), list(probes.values()))
         grads[ckpt] = torch.cat([v.flatten() for v in got])

@@ -8,7 +8,6 @@ Prints JSON: the process's RSS before the part (weights built) and its peak duri
 before the part through /proc/self/clear_refs), in bytes, and the part's CPU seconds."""
 
 import json
-import os
 import sys
 import time
 
@@ -25,7 +24,7 @@ def rss(field: str) -> int:
 
 def main(arch: str, part: str, ckpt: bool) -> dict:
     from trust_engine import bench
-    from trust_engine.functional import UNET_BLOCKS, SiteDeltas, checkpointed_copy
+    from trust_engine.functional import SiteDeltas, checkpointed_copy
     from trust_engine.unet_view import find_sites
 
     torch.manual_seed(0)
