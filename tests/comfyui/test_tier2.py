@@ -6,10 +6,12 @@ every example workflow executes through ComfyUI's executor."""
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -185,11 +187,21 @@ def test_a_delta_for_another_base_model_warns(comfy):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from trust_engine.sketch import SKETCH_KEY
+    from trust_engine.sketch import VERSION as SKETCH_VERSION
+
     comfy.run(base_graph({"u": unlearn_node("a horse", "tier2_horse")}))
     folder = Path(comfy.base_dir) / "models" / "unlearned_deltas"
     with safe_open(str(folder / "tier2_horse.safetensors"), framework="pt") as f:
         metadata, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
-    metadata["base_fingerprint"] = "0" * 64  # as if made on other weights
+    metadata["base_fingerprint"] = "0" * 64  # as if made on other weights: the exact fingerprint differs,
+    # and so does the sign sketch (the tolerant check would otherwise recognise the same base): its bits XOR random
+    # bits, about half of them flipped, as for an unrelated model
+    stored = metadata[SKETCH_KEY]
+    assert stored.startswith(SKETCH_VERSION), stored[:10]
+    packed = np.frombuffer(base64.b64decode(stored[len(SKETCH_VERSION):]), dtype=np.uint8)
+    noise = np.random.default_rng(0).integers(0, 256, packed.size, dtype=np.uint8)
+    metadata[SKETCH_KEY] = SKETCH_VERSION + base64.b64encode((packed ^ noise).tobytes()).decode()
     save_file(tensors, str(folder / "tier2_foreign.safetensors"), metadata=metadata)
     entry = comfy.run(base_graph({
         "a": {"class_type": "TrustApplyDelta",
