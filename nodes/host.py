@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ..trust_engine.functional import checkpoint_blocks
+from ..trust_engine.functional import DECODER_BLOCKS, checkpoint_blocks
 from ..trust_engine.parts import DiffusionParts, unpack_extra
 from ..trust_engine.parts import pack_extra as _pack
 from ..trust_engine.progress import ProgressEvent
@@ -183,7 +183,7 @@ def comfy_parts(model, clip, vae, resolution: int = 0, need_decoder: bool = True
             mm.load_models_gpu([vae.patcher], force_full_load=True)
             decoder = _private_copy(vae.first_stage_model)
             # the saliency's differentiable decode keeps one resnet block's activations at a time
-            checkpoint_blocks(decoder, lambda m: type(m).__name__ in ("ResnetBlock", "AttnBlock"))
+            checkpoint_blocks(decoder, lambda m: type(m).__name__ in DECODER_BLOCKS)
         latent_format = base_model.latent_format
         device = next(unet.parameters()).device
         dtype = getattr(base_model, "manual_cast_dtype", None) or next(unet.parameters()).dtype

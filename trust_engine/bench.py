@@ -90,6 +90,7 @@ def _inputs(arch: str, unet, device, dtype, batch: int = 1, latent: int | None =
 
 def _engine_parts(arch: str, unet, vae, clip, image_size: int, device, dtype, latent: int):
     """DiffusionParts and an Aligner around the random-init models, so the benchmark runs the engine's own step."""
+    from .functional import checkpointed_copy
     from .parts import Aligner, DiffusionParts
 
     spec = ARCHS[arch]
@@ -111,8 +112,10 @@ def _engine_parts(arch: str, unet, vae, clip, image_size: int, device, dtype, la
                                                                    device=device, dtype=dtype)}
         return unet_call(latents, t, encoder_hidden_states=cond, return_dict=False, **extra)[0]
 
+    decoder = checkpointed_copy(vae)  # as from_pipeline: the saliency's decode keeps one block's activations
+
     def decode(latents: torch.Tensor) -> torch.Tensor:
-        return ((vae.decode(latents.to(dtype) / 0.18215).sample + 1) / 2).clamp(0, 1)
+        return ((decoder.decode(latents.to(dtype) / 0.18215).sample + 1) / 2).clamp(0, 1)
 
     schedule = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                     clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")

@@ -57,6 +57,27 @@ def checkpoint_blocks(module: nn.Module, is_block) -> int:
     return count
 
 
+# Blocks whose activations are recomputed in the backward pass instead of kept. VAE decoder: diffusers'
+# ResnetBlock2D / Attention / Upsample2D and ComfyUI's (ldm) ResnetBlock / AttnBlock. UNet: the transformer blocks (both
+# hosts name them BasicTransformerBlock; they are called directly, never type-checked by their parents) and diffusers'
+# ResnetBlock2D (ComfyUI's ResBlock is not wrapped: its parent dispatches on isinstance).
+DECODER_BLOCKS = frozenset({"ResnetBlock2D", "Attention", "Upsample2D", "ResnetBlock", "AttnBlock"})
+DECODER_STAGES = frozenset({"UpDecoderBlock2D", "UNetMidBlock2D"})  # diffusers' decoder stages, around those blocks
+UNET_BLOCKS = frozenset({"BasicTransformerBlock", "ResnetBlock2D"})
+
+
+def checkpointed_copy(module: nn.Module, blocks=DECODER_BLOCKS, outer=DECODER_STAGES) -> nn.Module:
+    """A private copy of `module` (`private_tree`: the host's tensors, frozen, no weight copied) whose blocks of the
+    given class names run under activation checkpointing while gradients are recorded. The same outputs and
+    gradients as `module`; the caller's module is not changed. Raises if no block was found (nothing would be saved)."""
+    copy_ = private_tree(module)
+    if not checkpoint_blocks(copy_, lambda m: type(m).__name__ in blocks):
+        raise ValueError(f"no block of {sorted(blocks)} in {type(module).__name__} to checkpoint")
+    if outer:  # nested: only each stage's input is kept; its blocks' inputs while that stage is recomputed
+        checkpoint_blocks(copy_, lambda m: type(m).__name__ in outer)
+    return copy_
+
+
 class _SiteLayer(nn.Module):
     """A site's layer in the private tree: the host layer's output plus, in float32, the site's delta (while
     `owner.apply_delta`) and the saliency probe (while probing), cast once to the layer's output dtype. Adding D x to
@@ -87,7 +108,7 @@ class SiteDeltas:
     base + delta, `base_call` the untouched base. Sites of other projection types carry no delta and no optimizer
     state, but are still scored by saliency (through zero probes that exist only during an estimate)."""
 
-    def __init__(self, unet: nn.Module, sites: list[Site], trainable: str = "qkvo") -> None:
+    def __init__(self, unet: nn.Module, sites: list[Site], trainable: str = "qkvo", checkpoint: bool = False) -> None:
         self.unet = unet
         self.sites = sites
         self.model = private_tree(unet)
@@ -108,6 +129,9 @@ class SiteDeltas:
             owner_path, _, leaf = path.rpartition(".")
             parent = self.model.get_submodule(owner_path)
             setattr(parent, leaf, _SiteLayer(getattr(parent, leaf), self, s.name))
+        # after the site layers (their paths are the host's): the private tree's transformer and resnet blocks
+        # recompute their activations in the backward pass; the same gradients, one block's activations held
+        self.checkpointed = checkpoint_blocks(self.model, lambda m: type(m).__name__ in UNET_BLOCKS) if checkpoint else 0
 
     def parameters(self) -> list[torch.Tensor]:
         return list(self.delta.values())

@@ -175,6 +175,8 @@ def from_pipeline(pipe, name: str = "diffusers pipeline", check_prompt=None, cli
     """
     from diffusers import StableDiffusionPipeline
 
+    from .functional import checkpointed_copy
+
     sdxl = _is_sdxl(pipe)
     if not (sdxl or isinstance(pipe, StableDiffusionPipeline)):
         raise ValueError(f"{type(pipe).__name__} is not supported: use a StableDiffusionPipeline (SD1.x, SD2.x) or a "
@@ -224,6 +226,8 @@ def from_pipeline(pipe, name: str = "diffusers pipeline", check_prompt=None, cli
         return torch.cat([cache[p] for p in prompts])
 
     scale = vae.config.scaling_factor
+    # the saliency's decode is differentiable: a private copy whose blocks are checkpointed (pipe.vae is not touched)
+    decoder = checkpointed_copy(vae)
     mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
 
     def decode(latents: torch.Tensor) -> torch.Tensor:
@@ -234,7 +238,7 @@ def from_pipeline(pipe, name: str = "diffusers pipeline", check_prompt=None, cli
                 + torch.tensor(mean, device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
         else:
             z = z / scale
-        images = vae.decode(z).sample
+        images = decoder.decode(z).sample
         return ((images + 1) / 2).clamp(0, 1)
 
     if sdxl:

@@ -4,7 +4,8 @@ not on PyPI; see README "Tier-2 tests"); otherwise every test here is skipped wi
 A session starts ComfyUI's own server (main.py --cpu) on a free port, with a base directory in a temp folder,
 this repository loaded by ComfyUI's custom-node loader (through a symlink in a custom_nodes folder given by
 --extra-model-paths-config), a test-only probe pack beside it, and a tiny SD1.5-detectable checkpoint built on
-the fly (320-channel one-level UNet, random CLIP-L and SD VAE; the shapes ComfyUI's detection needs).
+the fly (320-channel one-level UNet, random CLIP-L and SD VAE; the shapes ComfyUI's detection needs), and a small
+checkpoint ComfyUI detects as SDXL-family (Segmind_Vega layout, CLIP-L + CLIP-G; see tier2_support._unet).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from .tier2_support import CHECKPOINT, HERE, REPO, Client, build_checkpoint, free_port
+from .tier2_support import CHECKPOINT, CHECKPOINT_SDXL, HERE, REPO, Client, build_checkpoint, free_port
 
 
 def comfyui_root() -> Path | None:
@@ -49,7 +50,8 @@ def comfy():
     checkpoints.mkdir(parents=True)
     nodes.mkdir()
     (base / "custom_nodes").mkdir()  # ComfyUI lists its own custom_nodes folder at start
-    build_checkpoint(root, checkpoints / CHECKPOINT)
+    for name in (CHECKPOINT, CHECKPOINT_SDXL):
+        build_checkpoint(root, checkpoints / name)
     (nodes / "trust_unlearning").symlink_to(REPO, target_is_directory=True)
     (nodes / "trust_tier2_probe").symlink_to(HERE / "probe_pack", target_is_directory=True)
     config = base / "extra_model_paths.yaml"

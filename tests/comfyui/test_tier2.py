@@ -1,25 +1,29 @@
 """Tier 2 in a real ComfyUI (see conftest.py): the pack loads through ComfyUI's own loader; the patched MODEL
 differs from the base only at cross-attention sites; the base MODEL is bit-identical after a run, an
-interruption and an exception; the stock LoraLoaderModelOnly reading the saved file gives the node's weights; a
-delta for another base warns; every example workflow executes through ComfyUI's executor."""
+interruption and an exception; the stock LoraLoaderModelOnly reading the saved file gives base + the engine's own
+reading of that file (SD1.5- and SDXL-shaped checkpoints), as does the node's MODEL; a delta for another base warns;
+every example workflow executes through ComfyUI's executor."""
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
-from .tier2_support import CHECKPOINT, REPO
+from .tier2_support import CHECKPOINT, CHECKPOINT_SDXL, REPO
 from .workflow_api import set_inputs, ui_to_api
 
 WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
 FAST = {"steps": 2, "resolution": 64, "training_images": 4}  # a CPU-sized run of every graph
 
 
-def base_graph(extra: dict) -> dict:
-    graph = {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}}}
+def base_graph(extra: dict, checkpoint: str = CHECKPOINT) -> dict:
+    graph = {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}}}
     graph.update(extra)
     return graph
 
@@ -76,15 +80,61 @@ def test_patched_model_differs_only_at_cross_attention_and_base_stays_identical(
     changed = outputs(entry, "patched")["changed"]
     assert changed and all(".attn2.to_k." in k or ".attn2.to_v." in k or ".attn2.to_q." in k for k in changed)
     assert outputs(entry, "base after")["digest"][0] == base_digest
-    # the saved file through the stock loader gives the node's patched weights
-    entry = comfy.run(base_graph({
-        "u": unlearn_node("a cat", "tier2_cat"),
-        "lora": {"class_type": "LoraLoaderModelOnly",
-                 "inputs": {"model": ["ckpt", 0], "lora_name": "tier2_cat.safetensors", "strength_model": 1.0}},
-        "same": probe(["lora", 0], "stock loader", reference=["u", 0]),
-    }))
-    assert outputs(entry, "stock loader")["changed"] == []
+
+
+def _ulp(values: torch.Tensor) -> torch.Tensor:
+    """The spacing of values.dtype at each element's magnitude (as float32): one rounding step of that dtype."""
+    info = torch.finfo(values.dtype)
+    _, exponent = torch.frexp(values.float())
+    spacing = torch.ldexp(torch.full(values.shape, info.eps), exponent - 1)
+    return spacing.clamp_min(info.smallest_normal * info.eps)  # subnormals: the fixed smallest step
+
+
+def assert_base_plus_engine_delta(base: dict, patched: dict, delta, what: str) -> None:
+    """patched == base + the delta's dense difference at every site, rounded to the model's dtype; the keys that
+    differ from base are exactly the delta's sites."""
+    assert set(patched) == set(base), f"{what}: not the same UNet keys as the base"
+    sites = {site + ".weight": site for site in delta.sites}
+    assert sites and set(sites) <= set(base), f"{what}: delta sites not in the UNet: {sorted(set(sites) - set(base))[:3]}"
+    changed = {k for k in base if not torch.equal(base[k], patched[k])}
+    assert changed == set(sites), (f"{what}: changed keys differ from the delta's sites; only changed: "
+                                   f"{sorted(changed - set(sites))[:3]}, only in the delta: {sorted(set(sites) - changed)[:3]}")
+    for key, site in sites.items():
+        w = base[key]
+        expected = (w.float() + delta.dense(site).float()).to(w.dtype)
+        error = (patched[key].float() - expected.float()).abs()
+        worst = float((error - _ulp(expected)).max())
+        assert worst <= 0, f"{what}: {key} is off base + delta by more than one {w.dtype} step ({float(error.max()):.3g})"
+
+
+@pytest.mark.parametrize("checkpoint", [CHECKPOINT, CHECKPOINT_SDXL], ids=["sd15", "sdxl"])
+def test_stock_lora_loader_gives_base_plus_the_engines_delta(comfy, checkpoint):
+    """LoraLoaderModelOnly reading the saved file must give base + the delta as the engine reads that file (its own
+    rows, not ComfyUI's LoRA code); the node's MODEL too. Compared in this process from the weights the server
+    samples with, saved by a probe node."""
+    from safetensors.torch import load_file
+
+    from trust_engine.delta import Delta
+
+    kind = "sdxl" if checkpoint == CHECKPOINT_SDXL else "sd15"
+    name = f"tier2_stock_{kind}"
+    entry = comfy.run(base_graph({"u": unlearn_node("a tiger", name)}, checkpoint))
+    report = entry["outputs"]["u"]["text"][0]
+    assert report.startswith(f"Saved {name}.safetensors "), report[:300]  # trained here, not reused
+    delta = Delta.load(Path(comfy.base_dir) / "models" / "unlearned_deltas" / f"{name}.safetensors")
+    save = {"base": ["ckpt", 0], "stock": ["lora", 0], "node": ["u", 0]}
+    graph = {"lora": {"class_type": "LoraLoaderModelOnly",
+                      "inputs": {"model": ["ckpt", 0], "lora_name": f"{name}.safetensors", "strength_model": 1.0}},
+             "u": unlearn_node("a tiger", name)}
+    graph.update({f"save_{label}": {"class_type": "TrustProbeSaveWeights",
+                                    "inputs": {"model": model, "file_name": f"{name}_{label}"}}
+                  for label, model in save.items()})
+    comfy.run(base_graph(graph, checkpoint))
+    weights = {label: load_file(str(Path(comfy.base_dir) / "output" / f"{name}_{label}.safetensors"))
+               for label in save}
     assert "lora key not loaded" not in comfy.log.read_text()
+    assert_base_plus_engine_delta(weights["base"], weights["stock"], delta, f"{kind} stock LoraLoaderModelOnly")
+    assert_base_plus_engine_delta(weights["base"], weights["node"], delta, f"{kind} TrustUnlearn MODEL")
 
 
 def test_same_inputs_reuse_the_saved_delta(comfy):
@@ -137,11 +187,21 @@ def test_a_delta_for_another_base_model_warns(comfy):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    from trust_engine.sketch import SKETCH_KEY
+    from trust_engine.sketch import VERSION as SKETCH_VERSION
+
     comfy.run(base_graph({"u": unlearn_node("a horse", "tier2_horse")}))
     folder = Path(comfy.base_dir) / "models" / "unlearned_deltas"
     with safe_open(str(folder / "tier2_horse.safetensors"), framework="pt") as f:
         metadata, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
-    metadata["base_fingerprint"] = "0" * 64  # as if made on other weights
+    metadata["base_fingerprint"] = "0" * 64  # as if made on other weights: the exact fingerprint differs,
+    # and so does the sign sketch (the tolerant check would otherwise recognise the same base): its bits XOR random
+    # bits, about half of them flipped, as for an unrelated model
+    stored = metadata[SKETCH_KEY]
+    assert stored.startswith(SKETCH_VERSION), stored[:10]
+    packed = np.frombuffer(base64.b64decode(stored[len(SKETCH_VERSION):]), dtype=np.uint8)
+    noise = np.random.default_rng(0).integers(0, 256, packed.size, dtype=np.uint8)
+    metadata[SKETCH_KEY] = SKETCH_VERSION + base64.b64encode((packed ^ noise).tobytes()).decode()
     save_file(tensors, str(folder / "tier2_foreign.safetensors"), metadata=metadata)
     entry = comfy.run(base_graph({
         "a": {"class_type": "TrustApplyDelta",

@@ -1,5 +1,6 @@
 """Test-only ComfyUI nodes for the tier-2 tests (never shipped): read a MODEL's effective weights and compare two
-MODELs, and inject a failure into the next TRuST run. Loaded beside the pack by the tier-2 server."""
+MODELs, save them for the test process, and inject a failure into the next TRuST run. Loaded beside the pack by the
+tier-2 server."""
 
 import hashlib
 import sys
@@ -56,6 +57,37 @@ class TrustProbeWeights:
         return {"ui": ui}
 
 
+class TrustProbeSaveWeights:
+    """Writes the UNet weights a MODEL samples with (ComfyUI's patches applied, in the model's own dtype) to
+    <output directory>/<file_name>.safetensors, for the test process to compare with the engine's reading of a
+    delta file."""
+
+    CATEGORY = "testing/trust"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "file_name": ("STRING", {"default": ""})},
+                "optional": {"after": (ANY,)}}
+
+    @classmethod
+    def IS_CHANGED(cls, **_):
+        return float("nan")
+
+    def save(self, model, file_name, after=None):
+        import os
+
+        import folder_paths
+        from safetensors.torch import save_file
+
+        path = os.path.join(folder_paths.get_output_directory(), file_name + ".safetensors")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_file({k: v.contiguous() for k, v in effective_weights(model).items()}, path)
+        return {"ui": {"saved": [path]}}
+
+
 class TrustProbeFailNextRun:
     """Makes the pack's next unlearning run raise at its second optimizer step (then restores the engine)."""
 
@@ -88,4 +120,5 @@ class TrustProbeFailNextRun:
         return {"ui": {"armed": [True]}}
 
 
-NODE_CLASS_MAPPINGS = {"TrustProbeWeights": TrustProbeWeights, "TrustProbeFailNextRun": TrustProbeFailNextRun}
+NODE_CLASS_MAPPINGS = {"TrustProbeWeights": TrustProbeWeights, "TrustProbeSaveWeights": TrustProbeSaveWeights,
+                       "TrustProbeFailNextRun": TrustProbeFailNextRun}

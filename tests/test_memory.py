@@ -1,0 +1,110 @@
+"""The engine's memory levers: the saliency's differentiable VAE decode (from_pipeline, bench-scale) and the UNet's
+blocks run under activation checkpointing on private copies. They keep far fewer activations, give the same
+gradients, and leave the host's modules untouched."""
+
+import dataclasses
+
+import torch
+
+from trust_engine import bench, concepts, unlearn
+from trust_engine.functional import SiteDeltas, _Checkpointed, checkpointed_copy
+from trust_engine.saliency import SaliencyConfig
+from trust_engine.unet_view import find_sites
+
+
+def saved_bytes(fn):
+    """fn()'s result and the bytes autograd saved for its backward outside checkpointed regions (those keep their
+    own inputs only; what they recompute is not held)."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total[0]
+
+
+def grad_of(fn, x):
+    x = x.detach().requires_grad_(True)
+    out, saved = saved_bytes(lambda: fn(x))
+    weights = torch.linspace(-1, 1, out.numel()).view_as(out)
+    (g,) = torch.autograd.grad((out * weights).sum(), x)
+    return g, saved
+
+
+def wrapped(module) -> int:
+    return sum(isinstance(m, _Checkpointed) for m in module.modules())
+
+
+def test_pipeline_decode_is_checkpointed_with_the_same_gradient(testbed):
+    pipe, parts, _ = testbed
+    z = torch.randn(1, *parts.latent_shape, generator=torch.Generator().manual_seed(0))
+    scale = pipe.vae.config.scaling_factor
+
+    def plain(x):
+        return ((pipe.vae.decode(x / scale).sample + 1) / 2).clamp(0, 1)
+
+    g_plain, saved_plain = grad_of(plain, z)
+    g_ckpt, saved_ckpt = grad_of(parts.decode, z)
+    assert saved_ckpt < 0.5 * saved_plain, (saved_ckpt, saved_plain)
+    assert torch.allclose(g_ckpt, g_plain, rtol=1e-5, atol=1e-7), (g_ckpt - g_plain).abs().max()
+    assert wrapped(pipe.vae) == 0, "the pipeline's own VAE is not changed"
+
+
+def test_bench_decode_is_checkpointed_with_the_same_gradient():
+    dev = torch.device("cpu")
+    unet, vae, clip, size = bench._models("tiny", dev, torch.float32)
+    parts, _ = bench._engine_parts("tiny", unet, vae, clip, size, dev, torch.float32, 8)
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    g_plain, saved_plain = grad_of(lambda x: ((vae.decode(x / 0.18215).sample + 1) / 2).clamp(0, 1), z)
+    g_ckpt, saved_ckpt = grad_of(parts.decode, z)
+    assert saved_ckpt < 0.5 * saved_plain, (saved_ckpt, saved_plain)
+    assert torch.allclose(g_ckpt, g_plain, rtol=1e-5, atol=1e-7)
+    assert wrapped(vae) == 0
+
+
+def test_checkpointed_copy_shares_weights_and_refuses_a_module_without_blocks():
+    vae = bench._models("tiny", torch.device("cpu"), torch.float32)[1]
+    copy_ = checkpointed_copy(vae)
+    assert wrapped(copy_) > 0 and wrapped(vae) == 0
+    assert all(a.data_ptr() == b.data_ptr() for a, b in zip(vae.parameters(), copy_.parameters()))
+    try:
+        checkpointed_copy(torch.nn.Linear(2, 2))
+    except ValueError as e:
+        assert "no block" in str(e)
+    else:
+        raise AssertionError("a module without blocks must be refused")
+
+
+def test_unet_blocks_are_checkpointed_with_the_same_saliency_gradient(testbed):
+    _, parts, _ = testbed
+    sites = find_sites(parts.unet)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, *parts.latent_shape, generator=g)
+    cond = parts.encode_text(["a red circle"])
+    t = torch.full((1,), 500)
+    grads, saved = {}, {}
+    for ckpt in (False, True):
+        deltas = SiteDeltas(parts.unet, sites, checkpoint=ckpt)
+        assert (deltas.checkpointed > 0) == ckpt
+        with deltas.probing() as probes:
+            out, saved[ckpt] = saved_bytes(lambda d=deltas: parts.denoise(d.call, x, t, cond))
+            weights = torch.linspace(-1, 1, out.numel()).view_as(out)
+            got = torch.autograd.grad((out * weights).sum(), list(probes.values()))
+        grads[ckpt] = torch.cat([v.flatten() for v in got])
+    assert saved[True] < 0.5 * saved[False], saved
+    assert torch.allclose(grads[True], grads[False], rtol=1e-5, atol=1e-8), (grads[True] - grads[False]).abs().max()
+    assert wrapped(parts.unet) == 0, "the host's UNet is not changed"
+
+
+def test_the_engine_run_checkpoints_sd_sized_latents_by_default(testbed):
+    _, parts, aligner = testbed
+    merged = concepts.merge([concepts.expand("triangle")])
+    config = unlearn.config_for("cip", batch=1, early_stop=None, saliency=SaliencyConfig(steps=2, images=1))
+    sd = dataclasses.replace(parts, latent_shape=(4, 64, 64))  # SD1.5 at 512 px
+    assert unlearn.TrustRun(sd, merged, config, aligner, 3.0).deltas.checkpointed > 0
+    assert unlearn.TrustRun(parts, merged, config, aligner, 3.0).deltas.checkpointed == 0  # small: not worth it
+    forced = dataclasses.replace(config, checkpoint=True)
+    assert unlearn.TrustRun(parts, merged, forced, aligner, 3.0).deltas.checkpointed > 0
