@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import conceptprune, fia, uce
+from . import conceptprune, esd, fia, salun, uce
 
 METHODS: dict[str, tuple[type, Callable]] = {
     "conceptprune": (conceptprune.ConceptPruneConfig, conceptprune.run),
+    "esd": (esd.ESDConfig, esd.run),
     "fia": (fia.FIAConfig, fia.run),
+    "salun": (salun.SalUnConfig, salun.run),
     "uce": (uce.UCEConfig, uce.run),
 }
