@@ -78,6 +78,17 @@ def base_prompts(concept: ExpandedConcept, erased: set[str]) -> list[str]:
     return list(dict.fromkeys(p for p in (concept.anchor, *concept.preserve) if p not in erased))
 
 
+def contrast_sets(parts: DiffusionParts, concepts: list[ExpandedConcept] | MergedConcepts
+                  ) -> tuple[MergedConcepts, list[list[str]]]:
+    """The merged concepts and, per concept, the prompts its forget prompts are contrasted with (base_prompts, or
+    [""] when none is left), every prompt checked against the model's vocabulary first."""
+    merged = as_merged(concepts)
+    erased = set(merged.forget)
+    bases = [base_prompts(concept, erased) or [""] for concept in merged.concepts]
+    check_prompts(parts, [*merged.forget, *(p for b in bases for p in b)])
+    return merged, bases
+
+
 @torch.no_grad()
 def ff_input_norms(parts: DiffusionParts, prompts: list[str], samples: int, steps: int, timesteps: int, cfg: float,
                    seed: int, batch: int = 16, on_batch: Callable[[int, int], None] | None = None,

@@ -94,10 +94,7 @@ def run(parts: DiffusionParts, concepts: list[ExpandedConcept] | MergedConcepts,
         progress: ProgressCallback = null_progress) -> Delta:
     """Prune the concepts' skilled `ff.net.2` weights; the delta zeroes them (dense `.diff`, float16 in the file)."""
     config.validate()
-    merged = c.as_merged(concepts)
-    erased = set(merged.forget)
-    bases = [c.base_prompts(concept, erased) or [""] for concept in merged.concepts]
-    c.check_prompts(parts, [*merged.forget, *(p for b in bases for p in b)])
+    merged, bases = c.contrast_sets(parts, concepts)
     start = time.time()
     weights = c.ff_weights(parts, config.locus)
     union = {n: torch.zeros(w.shape, dtype=torch.bool) for n, w in weights.items()}
