@@ -262,15 +262,21 @@ class HostProgress:
     """The engine's progress callback for ComfyUI: one ProgressBar on the node (data generation, then the steps), a
     custom websocket event for the front-end chart, and an interruption check (Cancel stops at the next event)."""
 
-    def __init__(self, unique_id: str | None, prepare: int, steps: int) -> None:
-        self.node, self.prepare, self.total = unique_id, prepare, prepare + steps
+    def __init__(self, unique_id: str | None, prepare: int, steps: int, by_stage: bool = False) -> None:
+        """TRuST: `prepare` generated images, then `steps` steps on one bar. `by_stage` (the other methods, whose
+        stages each report their own totals): the bar shows the current stage's share done, out of 100."""
+        self.node, self.prepare, self.by_stage = unique_id, prepare, by_stage
+        self.total = 100 if by_stage else prepare + steps
         self.bar = progress_bar(self.total, unique_id)
 
     def __call__(self, event: ProgressEvent) -> None:
         import comfy.model_management as mm
 
         mm.throw_exception_if_processing_interrupted()
-        done = min(event.step, self.prepare) if event.stage == "prepare" else self.prepare + event.step
+        if self.by_stage:
+            done = round(100 * min(event.step, event.total) / max(1, event.total))
+        else:
+            done = min(event.step, self.prepare) if event.stage == "prepare" else self.prepare + event.step
         self.bar.update_absolute(done, self.total)
         send_event({"node": self.node, "stage": event.stage, "step": event.step, "total": event.total,
                     "message": event.message, **{k: v for k, v in event.metrics.items() if math.isfinite(v)}})

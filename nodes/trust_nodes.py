@@ -24,12 +24,19 @@ from ..trust_engine.saliency import SaliencyConfig, SaliencyResult, estimate
 from ..trust_engine.sketch import BITS as SKETCH_BITS
 from ..trust_engine.sketch import CLOSE, SKETCH_KEY, agreement, sketch
 from ..trust_engine.unet_view import find_sites
-from ..trust_engine.unlearn import config_for, unlearn
+from ..trust_engine import methods
+from ..trust_engine.unlearn import config_for
 from . import host
 
 CATEGORY = "unlearning/TRuST"
 NO_FILE = "(none: use the delta input)"
 MODES = list(ranges.RANGES["mode"].choices)
+METHOD_NAMES = methods.names()
+_METHOD_TOOLTIP = (
+    "the eraser. trust (default): TRuST, fine-tunes only the concept neurons; every input above is TRuST's. The "
+    "others use only concepts, mode, preserve, training_seed, file_name and method_settings: esd (ESD-x, fine-tunes "
+    "cross-attention), uce (closed-form edit of cross-attention K/V, seconds), salun (saliency-masked fine-tune), "
+    "fia and conceptprune (training-free: zero feed-forward weights)")
 # node input -> its name in the table of allowed values (trust_engine.ranges), where they differ
 _TABLE_NAMES = {"mask_refresh": "mask_every", "training_seed": "seed", "saliency_seed": "seed",
                 "training_images": "forget_images"}
@@ -325,6 +332,12 @@ class TrustUnlearn:
                                        "size (RMS), used when learning_rate is 0: the same value moves rows by about the "
                                        "same fraction on SD1.5, SDXL or the testbed. The report prints the change per "
                                        "step", step=0.01),
+                # optional and last (saved workflows keep their widget values in place): the other erasers
+                "method": (list(METHOD_NAMES), {"default": "trust", "tooltip": _METHOD_TOOLTIP}),
+                "method_settings": ("STRING", {"default": "", "multiline": True, "tooltip":
+                                               "settings of the chosen method other than TRuST, key=value, one per "
+                                               "line or comma-separated (e.g. 'iterations=200, lr=1e-4' for esd); "
+                                               "empty = the paper's defaults. The report lists every setting used"}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -337,68 +350,83 @@ class TrustUnlearn:
 
     def unlearn(self, model, clip, vae, concepts, mode, loss, steps, learning_rate, beta, xi, mask_refresh,
                 training_seed, file_name, preserve="", concept_neurons=None, aligner=None, resolution=0,
-                training_images=32, relative_lr=0.1, unique_id=None):
+                training_images=32, relative_lr=0.1, method="trust", method_settings="", unique_id=None):
         ranges.check_inputs({"mode": mode, "loss": str(loss).lower(), "steps": steps, "learning_rate": learning_rate,
                              "beta": beta, "xi": xi, "mask_refresh": mask_refresh, "training_seed": training_seed,
                              "resolution": resolution, "training_images": training_images,
                              "relative_lr": relative_lr}, _TABLE_NAMES)
+        if method not in METHOD_NAMES:
+            raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHOD_NAMES)}")
+        if method == "trust" and method_settings.strip():
+            raise ValueError("method_settings is for the other methods: TRuST's settings are the inputs above")
         expanded = _run("reading the concepts", resolution,
                         lambda: concept_specs.expand_all(concepts, mode, preserve=preserve))
         family = _run("checking the model", resolution, lambda: host.model_family(model))
-        overrides = {"steps": steps, "lr": learning_rate or None, "relative_lr": relative_lr, "seed": training_seed,
-                     "mask_every": mask_refresh,
-                     "static_mask": mask_refresh == 0, "forget_images": training_images,
-                     "preserve_images": 2 * training_images}
-        if beta > 0:
-            overrides["beta"] = beta
-        config = config_for(loss.lower(), **overrides)
-        config.saliency = SaliencyConfig(xi=xi)
+        if method == "trust":
+            overrides = {"steps": steps, "lr": learning_rate or None, "relative_lr": relative_lr,
+                         "seed": training_seed, "mask_every": mask_refresh, "static_mask": mask_refresh == 0,
+                         "forget_images": training_images, "preserve_images": 2 * training_images}
+            if beta > 0:
+                overrides["beta"] = beta
+            config = config_for(loss.lower(), **overrides)
+            config.saliency = SaliencyConfig(xi=xi)
+        else:
+            settings = methods.parse_options(method, method_settings)
+            if any(f.name == "seed" for f in dataclasses.fields(methods.METHODS[method][0])):
+                settings.setdefault("seed", training_seed)
+            config = methods.config_for(method, **settings)
         base = _run("reading the model", resolution, lambda: host.effective_site_weights(model))
         base_fp = fingerprint(base)
         if concept_neurons is not None and concept_neurons.base_fingerprint != base_fp:
             raise ValueError("the concept_neurons input was measured on another model: connect the same MODEL to "
                              "Concept Saliency and TRUST Unlearn")
-        key = _cache_key(expanded, config, resolution, aligner, concept_neurons, base_fp)
+        if method != "trust":
+            concept_neurons = aligner = None  # TRuST's inputs: the other methods do not read them
+        key = _cache_key(expanded, config, resolution, aligner, concept_neurons, base_fp, method)
         folder = host.delta_dir()
         found = _find_cached(folder, key)
         lines = [e.explain() for e in expanded]
         if found:
             delta = Delta.load(found)
-            history = json.loads(delta.metadata.get("history", "[]"))
             lines.insert(0, f"Reused {os.path.basename(found)}: same inputs on the same base model, so nothing was "
                             f"retrained. Delete the file (models/{host.DELTA_FOLDER}/) to train again.")
             path = found
         else:
-            progress = host.HostProgress(unique_id, config.forget_images + config.preserve_images, config.steps)
+            if method == "trust":
+                progress = host.HostProgress(unique_id, config.forget_images + config.preserve_images, config.steps)
+            else:
+                progress = host.HostProgress(unique_id, 0, 0, by_stage=True)
 
             def work():
                 with host.comfy_parts(model, clip, vae, resolution, need_decoder=aligner is not None) as parts, \
                         host.aligner_on_device(aligner):
                     initial = concept_neurons.result.mask if concept_neurons is not None else None
-                    return unlearn(parts, expanded, config, aligner, progress,
-                                   {"mode": mode, "model": parts.name, "cache_key": key, "host": "ComfyUI",
-                                    SKETCH_KEY: sketch(base)},
-                                   default_cfg=_cfg(family), initial_mask=initial)
+                    return methods.run(method, parts, expanded, config, progress, aligner=aligner,
+                                       default_cfg=_cfg(family), initial_mask=initial,
+                                       metadata={"mode": mode, "model": parts.name, "cache_key": key,
+                                                 "host": "ComfyUI", SKETCH_KEY: sketch(base)})
 
-            result = _run("unlearning", resolution, work)
-            history = result.history
-            delta = Delta(result.delta.sites, {**result.delta.metadata, "history": json.dumps(history)},
-                          result.delta.base_fingerprint)
-            path = _save(delta, folder, file_name or _slug(expanded[0].text))
-            saliency = result.last_saliency.mode if result.last_saliency else "initial mask only"
+            delta = _run("unlearning", resolution, work)
+            path = _save(delta, folder, file_name or _slug(expanded[0].text, method))
             lines.insert(0, f"Saved {os.path.basename(path)} in models/{host.DELTA_FOLDER}/ (LoRA loaders list it).")
-            lines.append(result.report())
-            lines.append("saliency: " + ("CLIP score" if saliency == "clip" else
-                                         "noise contrast (connect Load Concept Aligner for CLIP-score saliency)"
-                                         if saliency == "noise" else saliency))
+            lines.append(methods.report(delta))
+            if method == "trust":
+                saliency = delta.metadata.get("saliency_mode", "")
+                lines.append("saliency: " + ("CLIP score" if saliency == "clip" else
+                                             "noise contrast (connect Load Concept Aligner for CLIP-score saliency)"
+                                             if saliency == "noise" else saliency))
+            else:
+                lines.append(f"settings: {delta.metadata.get('config', '')}")
+        history = json.loads(delta.metadata.get("history", "[]"))
         lines.append(_share(delta, model))
         patched = _patched(model, delta, 1.0)
         report = "\n".join(lines)
-        curves = training_curves(history, f"TRUST Unlearn ({loss}): {', '.join(e.text for e in expanded)}")
+        title = f"TRUST Unlearn ({loss if method == 'trust' else method})"
+        curves = training_curves(history, f"{title}: {', '.join(e.text for e in expanded)}")
         return {"ui": {"text": [report]}, "result": (patched, UnlearnedDelta(delta, path), _image(curves), report)}
 
 
-def _cache_key(expanded, config, resolution, aligner, concept_neurons, base_fp) -> str:
+def _cache_key(expanded, config, resolution, aligner, concept_neurons, base_fp, method: str = "trust") -> str:
     aligner_id = ""
     if aligner is not None:
         aligner_id = getattr(aligner.model.config, "_name_or_path", "") or type(aligner.model).__name__
@@ -408,8 +436,8 @@ def _cache_key(expanded, config, resolution, aligner, concept_neurons, base_fp) 
         neurons = hashlib.sha256(bits.numpy().tobytes()).hexdigest()
     blob = json.dumps({
         "concepts": [(e.text, e.mode, e.forget, e.preserve, e.anchor) for e in expanded],
-        "config": json.loads(config.to_json()), "resolution": resolution, "aligner": aligner_id,
-        "neurons": neurons, "base": base_fp, "engine": __version__,
+        "config": dataclasses.asdict(config), "resolution": resolution, "aligner": aligner_id,
+        "neurons": neurons, "base": base_fp, "engine": __version__, **({"method": method} if method != "trust" else {}),
     }, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
@@ -432,8 +460,9 @@ def _find_cached(folder: str, key: str) -> str | None:
     return None
 
 
-def _slug(text: str) -> str:
-    return "trust_" + (re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:48] or "concept")
+def _slug(text: str, method: str = "trust") -> str:
+    prefix = "trust_" if method == "trust" else f"trust_{method}_"
+    return prefix + (re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:48] or "concept")
 
 
 def _save(delta: Delta, folder: str, name: str) -> str:
@@ -455,8 +484,13 @@ def _share(delta: Delta, model) -> str:
     changed = sum(d.rank for d in delta.sites.values())
     weights = sum(s.out_features * s.in_features for s in sites)
     changed_w = sum(d.rank * d.in_features for d in delta.sites.values())
-    return (f"changed {changed} of {rows} Q/K/V rows ({100 * changed_w / max(1, weights):.2f}% of the cross-attention "
+    text = (f"changed {changed} of {rows} Q/K/V rows ({100 * changed_w / max(1, weights):.2f}% of the cross-attention "
             f"Q/K/V weights) in {len(delta.sites)} of {len(sites)} layers")
+    if delta.params:
+        total = sum(p.numel() for p in unet.parameters())
+        dense = sum(int((d != 0).sum()) for d in delta.params.values())
+        text += f"; {dense:,} other weights ({100 * dense / max(1, total):.2f}% of the UNet) in {len(delta.params)} tensors"
+    return text
 
 
 def _patched(model, delta: Delta, strength: float):

@@ -55,4 +55,43 @@ def test_figures_writes_a_table_and_json(tmp_path):
                                                                       ("combination", "csr", True)]
     assert all(0 < r["weights_changed_share"] < 1 and r["file_bytes"] > 0 for r in rows)
     table = (tmp_path / "figures.md").read_text()
-    assert "| red circle | combination | CSR | every step |" in table and table.strip().endswith(out.strip()[-40:])
+    assert "| red circle | combination | trust CSR |" in table and "| trust CSR, static mask |" in table
+    assert table.strip().endswith(out.strip()[-40:])
+
+
+def test_another_method_from_the_cli_erases_and_names_itself(tmp_path):
+    """unlearn --method uce --preset testbed (a closed form: seconds) writes a delta that evaluate judges as erased;
+    figures --methods runs a method with each preset it has."""
+    delta = tmp_path / "uce.safetensors"
+    out = run("unlearn", "--concept", "triangle", "--method", "uce", "--preset", "testbed", "--out", str(delta))
+    assert "uce:" in out and "weights changed" in out and f"delta written to {delta}" in out
+    report = json.loads(run("evaluate", "--delta", str(delta), "--seeds", "1", "--json").strip().splitlines()[-1])
+    assert report["forget_rate_before"] >= 0.9 and report["forget_rate"] <= 0.3, report
+    run("figures", "--methods", "uce", "--modes", "individual", "--seeds", "1", "--out", str(tmp_path / "f"))
+    rows = json.loads((tmp_path / "f" / "figures.json").read_text())
+    assert [(r["method"], r["preset"]) for r in rows] == [("uce", "paper"), ("uce", "testbed")]
+    assert all(r["weights_changed"] > 0 and r["file_bytes"] > 0 for r in rows)
+
+
+def test_method_options_are_checked_before_any_work(tmp_path):
+    cases = [(["--method", "esd", "--beta", "2"], "--beta is a TRuST option"),
+             (["--method", "esd", "--set", "iterations=5,foo=1"], "esd has no setting 'foo'"),
+             (["--method", "esd", "--set", "iterations=0"], "iterations must lie in"),
+             (["--method", "esd", "--set", "lr"], "write it as key=value"),
+             (["--method", "uce", "--preset", "fast"], "uce has no preset 'fast'"),
+             (["--method", "salun", "--set", "epochs=two"], "expected an integer")]
+    for extra, message in cases:
+        out = tmp_path / "never.safetensors"
+        result = subprocess.run([sys.executable, "-m", "trust_engine", "unlearn", "--concept", "triangle",
+                                 "--out", str(out), *extra], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 2 and message in result.stderr, (extra, result.stderr[-500:])
+        assert not out.exists()
+
+
+def test_the_cli_names_every_method():
+    from trust_engine import methods
+    from trust_engine.__main__ import METHOD_NAMES
+
+    assert sorted(METHOD_NAMES) == sorted(methods.names())
+    out = run("methods")
+    assert all(f"{name}: changes" in out for name in methods.names())

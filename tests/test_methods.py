@@ -17,11 +17,14 @@ torch.set_num_threads(1)
 def test_every_method_has_a_documented_config_and_a_run_function():
     import dataclasses
 
-    assert set(METHODS) == {"conceptprune", "esd", "fia", "salun", "uce"}
+    from trust_engine import methods
+
+    assert set(METHODS) == {"trust", "conceptprune", "esd", "fia", "salun", "uce"}
     for name, (config_cls, run) in METHODS.items():
         for f in dataclasses.fields(config_cls):
             assert f.metadata.get("help"), f"{name}.{f.name} has no help text"
-        config_cls().validate()
+        for preset in methods.PRESETS[name]:
+            methods.config_for(name, preset)  # every preset is a valid config
         assert callable(run)
 
 

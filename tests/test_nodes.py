@@ -2,6 +2,7 @@
 Checks the node contract, that the host MODEL is never written, files, reuse, warnings and errors."""
 
 import json
+import os
 import shutil
 
 import comfy_fake
@@ -96,7 +97,8 @@ def test_learning_rate_keeps_its_old_meaning_and_zero_means_relative(pack, host)
     assert new_config["lr"] is None and new_config["relative_lr"] == 0.2
     assert "relative row change per step" in report_new and "0.2 x each site's weight RMS" in report_new
     spec = pack.NODE_CLASS_MAPPINGS["TrustUnlearn"].INPUT_TYPES()
-    assert list(spec["optional"])[-1] == "relative_lr", "new inputs go last so saved widget values stay in place"
+    assert list(spec["optional"])[-3:] == ["relative_lr", "method", "method_settings"], \
+        "new inputs go last so saved widget values stay in place"
     assert spec["required"]["learning_rate"][1]["default"] == 0.0
 
 
@@ -325,3 +327,25 @@ def test_the_aligner_is_on_the_compute_device_only_during_a_run(pack, monkeypatc
             assert moves == ["cuda:0"]
             raise RuntimeError("a failure mid-run")
     assert moves == ["cuda:0", "cpu"]
+
+
+def test_another_method_runs_through_the_same_node_and_the_stock_lora_path(pack, host):
+    """method = uce (a closed form): the node saves a file naming the method, its patched clone equals the stock
+    LoRA path on that file, the host is untouched, and TRuST-only inputs are refused in method_settings."""
+    model, clip, vae = host
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    patched, delta, _, report = node(pack, "TrustUnlearn").unlearn(
+        model, clip, vae, "triangle", **fast(file_name="", method="uce", method_settings="erase_scale=30"))["result"]
+    assert all(torch.equal(model.model.state_dict()[k], v) for k, v in before.items())
+    assert os.path.basename(delta.path).startswith("trust_uce_triangle")
+    saved = pack.trust_engine.delta.Delta.load(delta.path)
+    assert saved.metadata["method"] == "uce" and json.loads(saved.metadata["config"])["erase_scale"] == 30.0
+    assert saved.params and "uce:" in report and "other weights" in report
+    again, _ = comfy_fake.load_lora_for_models(model, None, saved.to_lora(), 1.0, 0)
+    a, b = again.patched_state_dict(), patched.patched_state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(b[k], before[k]) for k in b)
+    with pytest.raises(ValueError, match="uce has no setting 'steps'"):
+        node(pack, "TrustUnlearn").unlearn(model, clip, vae, "triangle", **fast(method="uce", method_settings="steps=3"))
+    with pytest.raises(ValueError, match="method_settings is for the other methods"):
+        node(pack, "TrustUnlearn").unlearn(model, clip, vae, "triangle", **fast(method="trust", method_settings="x=1"))

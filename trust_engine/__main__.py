@@ -93,43 +93,69 @@ def _load_model(args: argparse.Namespace):
     return pipe, parts, aligner, DEFAULT_CFG
 
 
-def _unlearn_config(args: argparse.Namespace):
-    from .saliency import SaliencyConfig
-    from .unlearn import config_for
+# TRuST's own options (the others' settings go through --set); option dest -> shown name
+_TRUST_ONLY = ("loss", "steps", "lr", "relative_lr", "beta", "alpha", "retain_target", "xi", "mask_every",
+               "negative_guidance", "saliency_momentum", "projections", "saliency_images", "cip_update")
 
+
+def _unlearn_config(args: argparse.Namespace):
+    """The chosen method's config: its --preset, then (TRuST) the TRuST options or --set key=value settings."""
+    from . import methods
+    from .saliency import SaliencyConfig
+
+    method = getattr(args, "method", None) or "trust"
+    settings = {}
+    for item in getattr(args, "set", None) or ():
+        settings.update(methods.parse_options(method, item))
+    if method != "trust":
+        given = [k for k in _TRUST_ONLY if getattr(args, k, None) is not None] + (
+            ["static_mask"] if getattr(args, "static_mask", False) else [])
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise ValueError(f"{flag} is a TRuST option; {method}'s settings go through --set key=value "
+                             f"(`python -m trust_engine methods {method}` lists them)")
+        if "seed" in {f.name for f in __import__("dataclasses").fields(methods.METHODS[method][0])}:
+            settings.setdefault("seed", args.seed)
+        return methods.config_for(method, getattr(args, "preset", None) or "paper", **settings)
     keys = ("steps", "lr", "relative_lr", "beta", "alpha", "mask_every", "seed", "retain_target", "projections",
             "negative_guidance", "saliency_momentum", "cip_update")
     overrides = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
-    config = config_for(args.loss, **overrides, static_mask=args.static_mask)
-    config.saliency = SaliencyConfig(xi=args.xi)
+    config = methods.config_for("trust", getattr(args, "preset", None) or "paper",
+                                **{"loss": args.loss or "cip", **overrides, "static_mask": args.static_mask,
+                                   **settings})
+    config.saliency = SaliencyConfig(xi=args.xi if args.xi is not None else 2.0)
     if getattr(args, "saliency_images", None):
         config.saliency.images = args.saliency_images
     return config
 
 
 def run_unlearn(args: argparse.Namespace, pipe=None, parts=None, aligner=None, cfg=None, quiet: bool = False):
-    """Expand the concept(s), run TRuST, save the delta; returns (expanded concepts, result)."""
+    """Expand the concept(s), run the chosen method (TRuST by default), save the delta; (expanded concepts, delta)."""
     from . import concepts as concept_specs
+    from . import methods
     from .progress import text_progress
-    from .unlearn import unlearn
 
     expanded = concept_specs.expand_all(args.concept, args.mode, preserve=args.preserve or ())
+    method = getattr(args, "method", None) or "trust"
+    config = _unlearn_config(args)  # every setting checked before the model is loaded
     if pipe is None:
         pipe, parts, aligner, cfg = _load_model(args)
     if not quiet:
         for e in expanded:
             print(e.explain())
-    config = _unlearn_config(args)
     metadata = {"mode": args.mode, "model": parts.name}
-    result = unlearn(parts, expanded, config, aligner, text_progress(), metadata, default_cfg=cfg)
+    delta = methods.run(method, parts, expanded, config, text_progress(), aligner=aligner, default_cfg=cfg,
+                        metadata=metadata)
     if args.out:
-        result.delta.save(args.out)
-    return expanded, result
+        delta.save(args.out)
+    return expanded, delta
 
 
 def cmd_unlearn(args: argparse.Namespace) -> int:
-    _, result = run_unlearn(args)
-    print(result.report())
+    from .methods import report
+
+    _, delta = run_unlearn(args)
+    print(report(delta))
     print(f"delta written to {args.out}")
     return 0
 
@@ -297,6 +323,8 @@ def _check_inputs(args: argparse.Namespace) -> None:
     for dest, name in _RANGED.items():
         if getattr(args, dest, None) is not None:
             check(name, getattr(args, dest), "--" + dest.replace("_", "-"))
+    if args.command in ("unlearn", "demo"):
+        _unlearn_config(args)  # the method's settings (--preset, --set, TRuST's options), before any work
     if getattr(args, "model", None) and args.command != "export":  # export reads only the folder's unet/config.json
         from .loading import inspect_model
 
@@ -353,31 +381,43 @@ def _erase_and_judge(args: argparse.Namespace, task, model, out: Path, seeds: in
                                "out": str(path)})
     from .unet_view import find_sites
 
-    _, result = run_unlearn(ns, pipe, parts, aligner, cfg, quiet=True)
-    report, patched = evaluate_delta(result.delta, concept, mode, seeds=seeds, base_pipe=pipe, before=before)
+    start = time.time()
+    _, delta = run_unlearn(ns, pipe, parts, aligner, cfg, quiet=True)
+    seconds = time.time() - start
+    report, patched = evaluate_delta(delta, concept, mode, seeds=seeds, base_pipe=pipe, before=before)
+    meta = delta.metadata
     sites = find_sites(parts.unet)
-    weights = sum(s.out_features * s.in_features for s in sites)
-    changed = sum(d.rank * d.in_features for d in result.delta.sites.values())
-    report.update(loss=args.loss, static_mask=bool(args.static_mask), seconds=result.seconds,
-                  steps=result.steps_run, rows_changed=sum(d.rank for d in result.delta.sites.values()),
-                  rows_total=sum(s.out_features for s in sites), weights_changed_share=changed / weights,
-                  file_bytes=path.stat().st_size)
+    changed = sum(d.rank * d.in_features for d in delta.sites.values())
+    changed += sum(int((d != 0).sum()) for d in delta.params.values())
+    weights = sum(p.numel() for p in parts.unet.parameters())
+    method = meta.get("method", "trust")
+    config = json.loads(meta.get("config", "{}"))
+    report.update(method=method, preset=getattr(args, "preset", None) or "paper", loss=config.get("loss", ""),
+                  static_mask=bool(config.get("static_mask")), seconds=seconds,
+                  steps=int(meta.get("steps_run", 0) or 0), rows_changed=sum(d.rank for d in delta.sites.values()),
+                  rows_total=sum(s.out_features for s in sites), weights_changed=changed,
+                  weights_changed_share=changed / weights, file_bytes=path.stat().st_size)
     return report, patched
 
 
 def _table(rows: list[dict]) -> str:
     """Markdown table of figures rows."""
-    lines = ["| concept | mode | loss | mask | forget before → after | synonym forget | preserve before → after | "
-             "parts before → after | rows changed | weights changed | delta file | train time |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| concept | mode | method | forget before → after | synonym forget | preserve before → after | "
+             "parts before → after | weights changed | delta file | time |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         parts = (f"{r['parts_accuracy_before']:.2f} → {r['parts_accuracy']:.2f}"
                  if r["parts_accuracy"] == r["parts_accuracy"] else "—")
+        method = r.get("method", "trust")
+        if method == "trust":
+            method += f" {r['loss'].upper()}" + (", static mask" if r["static_mask"] else "")
+        if r.get("preset", "paper") != "paper":
+            method += f" ({r['preset']})"
         lines.append(
-            f"| {r['concept']} | {r['mode']} | {r['loss'].upper()} | {'static' if r['static_mask'] else 'every step'} "
+            f"| {r['concept']} | {r['mode']} | {method} "
             f"| {r['forget_rate_before']:.2f} → {r['forget_rate']:.2f} | {r['synonym_forget_rate']:.2f} "
             f"| {r['preserve_accuracy_before']:.2f} → {r['preserve_accuracy']:.2f} | {parts} "
-            f"| {r['rows_changed']:,} / {r['rows_total']:,} | {100 * r['weights_changed_share']:.1f} % "
+            f"| {r['weights_changed']:,} ({100 * r['weights_changed_share']:.2f} %) "
             f"| {r['file_bytes'] / 1024:.0f} KiB | {r['seconds']:.0f} s |")
     return "\n".join(lines)
 
@@ -395,7 +435,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     rows, grid_prompts, grid_images = [], [], []
     for task in DEMO_TASKS:
         concept, mode, _, shown = task
-        print(f"\n== erasing {concept!r} ({mode}, {args.loss.upper()}) ==")
+        how = (args.loss or "cip").upper() if (args.method or "trust") == "trust" else args.method
+        print(f"\n== erasing {concept!r} ({mode}, {how}) ==")
         report, patched = _erase_and_judge(args, task, model, out, seeds=1)
         rows.append(report)
         for prompt in shown:
@@ -425,20 +466,42 @@ def cmd_figures(args: argparse.Namespace) -> int:
     for task in (t for t in DEMO_TASKS if t[1] in args.modes):
         concept, mode = task[0], task[1]
         before = evaluate(model[0], judge, eval_sets(concept, mode), seeds=args.seeds)
-        runs = [(loss, False) for loss in args.losses] + ([(args.losses[0], True)] if args.ablation else [])
-        for loss, static in runs:
-            print(f"== {concept!r} ({mode}), {loss.upper()}, {'static mask' if static else 'mask every step'} ==",
-                  file=sys.stderr)
-            ns = argparse.Namespace(**{**vars(args), "loss": loss, "static_mask": static})
-            tag = f"_{loss}" + ("_static" if static else "")
+        runs = []
+        for method in args.methods:
+            if method == "trust":
+                runs += [("trust", "paper", loss, False) for loss in args.losses]
+                runs += [("trust", "paper", args.losses[0], True)] if args.ablation else []
+            else:
+                from .methods import PRESETS
+
+                runs += [(method, preset, None, False) for preset in PRESETS[method] if preset in args.presets]
+        for method, preset, loss, static in runs:
+            label = (f"TRuST {loss.upper()}, {'static mask' if static else 'mask every step'}" if method == "trust"
+                     else f"{method}, {preset} config")
+            print(f"== {concept!r} ({mode}), {label} ==", file=sys.stderr)
+            ns = argparse.Namespace(**{**vars(args), "method": method, "preset": preset, "loss": loss,
+                                       "static_mask": static})
+            tag = (f"_{loss}" + ("_static" if static else "")) if method == "trust" else f"_{method}_{preset}"
             report, _ = _erase_and_judge(ns, task, model, out, args.seeds, before, tag)
             rows.append(report)
             (out / "figures.json").write_text(json.dumps(rows, indent=2))
     table = _table(rows)
-    header = (f"`python -m trust_engine figures --seeds {args.seeds}` on {platform.machine()} with "
+    header = (f"`python -m trust_engine figures --seeds {args.seeds} --methods {' '.join(args.methods)}` on {platform.machine()} with "
               f"{torch_threads()} torch threads; judged by the testbed judge\n\n")
     (out / "figures.md").write_text(header + table + "\n")
     print(table)
+    return 0
+
+
+METHOD_NAMES = ("trust", "esd", "uce", "salun", "fia", "conceptprune")  # = trust_engine.methods.names() (a test
+# checks): spelled out so that the CLI's help does not import torch
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from . import methods
+
+    for name in [args.name] if args.name else methods.names():
+        print(methods.describe(name) + "\n")
     return 0
 
 
@@ -545,8 +608,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid", help="also write a PNG grid of samples to this path")
     p.set_defaults(func=cmd_testbed_check)
 
-    def training_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--loss", choices=("cip", "csr"), default="cip", help="CIP (hard, sparsity) or CSR (soft, sensitivity); default cip")
+    def training_options(p: argparse.ArgumentParser, method: bool = True) -> None:
+        if method:
+            p.add_argument("--method", choices=METHOD_NAMES, default="trust",
+                           help="the eraser (default trust); `python -m trust_engine methods` describes each")
+            p.add_argument("--preset", help="a named config of the method: paper (default: the paper's defaults) or "
+                                            "testbed (tuned on the bundled testbed, where the method has one)")
+            p.add_argument("--set", action="append", metavar="KEY=VALUE[,KEY=VALUE]",
+                           help="a setting of the method's config, e.g. --set iterations=200,lr=1e-4 (repeatable)")
+        p.add_argument("--loss", choices=("cip", "csr"), help="TRuST: CIP (hard, sparsity) or CSR (soft, sensitivity); "
+                                                              "default cip")
         p.add_argument("--steps", type=int, help="fine-tuning steps (default: the loss's config, 60)")
         p.add_argument("--lr", type=float, help="absolute learning rate of the delta rows (default: --relative-lr)")
         p.add_argument("--relative-lr", type=float, help="learning rate as a fraction of each site's weight RMS "
@@ -554,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--beta", type=float, help="weight of the CIP/CSR term (default 0.1 CIP, 0.02 CSR)")
         p.add_argument("--alpha", type=float, help="weight of the retain loss (default 0.5)")
         p.add_argument("--retain-target", choices=("noise", "base"), help="retain loss target (default base: the base model's prediction; noise = SalUn)")
-        p.add_argument("--xi", type=float, default=2.0, help="z-score threshold of concept neurons (default 2.0)")
+        p.add_argument("--xi", type=float, help="z-score threshold of concept neurons (default 2.0)")
         p.add_argument("--mask-every", type=int, help="re-find the concept neurons every k steps (default 1)")
         p.add_argument("--static-mask", action="store_true", help="ablation: find the concept neurons once only")
         p.add_argument("--negative-guidance", type=float, help="eta of the forget target (default 1.0; 0 = plain anchor)")
@@ -641,8 +712,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
                    help="which demo tasks, by mode (default all three)")
     p.add_argument("--seeds", type=int, default=2, help="images per judged prompt (default 2)")
-    training_options(p)
+    p.add_argument("--methods", nargs="+", choices=METHOD_NAMES, default=["trust"],
+                   help="erasers to run on each task (default trust); each other method runs with each of its "
+                        "--presets it has")
+    p.add_argument("--presets", nargs="+", choices=("paper", "testbed"), default=["paper", "testbed"],
+                   help="named configs of the other methods (default both: paper defaults, testbed-tuned)")
+    training_options(p, method=False)
     p.set_defaults(func=cmd_figures)
+
+    p = sub.add_parser("methods", help="the erasers, what each changes, their presets and settings")
+    p.add_argument("name", nargs="?", choices=METHOD_NAMES, help="one method (default: all)")
+    p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("bench-scale", help="FLOPs/memory/time of one TRuST step vs full fine-tuning and ESD on SD-sized UNets")
     p.add_argument("--arch", nargs="+", choices=("sd15", "sdxl", "tiny"), default=["sd15", "sdxl"], help="UNet shapes (default sd15 sdxl)")

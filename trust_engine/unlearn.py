@@ -84,7 +84,8 @@ class UnlearnConfig:
                                 "training K/V only kept more of the preserved prompts at equal forgetting. Saliency "
                                 "and the z-scores still cover every type")
     seed: int = _f(0, "seed of data generation, saliency and timesteps")
-    saliency: SaliencyConfig = dataclasses.field(default_factory=SaliencyConfig)
+    saliency: SaliencyConfig = dataclasses.field(default_factory=SaliencyConfig, metadata={
+        "help": "how the concept neurons are found (trust_engine.saliency.SaliencyConfig: xi, images, steps, cfg)"})
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
