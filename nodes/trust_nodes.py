@@ -14,7 +14,7 @@ import re
 import numpy as np
 import torch
 
-from ..trust_engine import __version__, ranges
+from ..trust_engine import __version__, methods, ranges
 from ..trust_engine import concepts as concept_specs
 from ..trust_engine.delta import BaseMismatchError, Delta, DeltaFileError, fingerprint
 from ..trust_engine.functional import SiteDeltas
@@ -24,7 +24,6 @@ from ..trust_engine.saliency import SaliencyConfig, SaliencyResult, estimate
 from ..trust_engine.sketch import BITS as SKETCH_BITS
 from ..trust_engine.sketch import CLOSE, SKETCH_KEY, agreement, sketch
 from ..trust_engine.unet_view import find_sites
-from ..trust_engine import methods
 from ..trust_engine.unlearn import config_for
 from . import host
 
