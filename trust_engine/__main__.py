@@ -1,5 +1,6 @@
 """Command line: `python -m trust_engine <command>`; the bundled testbed is the default model everywhere.
-Commands: demo (the main job), unlearn, evaluate, export, saliency, figures, bench-scale, testbed-check.
+Commands: demo (the main job), unlearn (any method), methods, evaluate, export, saliency, figures, bench-scale,
+testbed-check.
 """
 
 from __future__ import annotations
