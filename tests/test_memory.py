@@ -134,3 +134,23 @@ def test_vae_resnets_keep_no_norm_output_with_the_same_gradient():
     resnets = [m for m in copy_.modules() if type(m).__name__ == "ResnetBlock2D"]
     assert resnets and all(isinstance(m.norm1, _Checkpointed) and isinstance(m.nonlinearity, nn.Identity)
                            for m in resnets if m.time_emb_proj is None)
+
+
+def test_the_cpu_step_hands_freed_heap_back_before_the_decode_and_the_loss(testbed, monkeypatch):
+    """On the CPU the allocator's free heap is released (malloc_trim) after the saliency's sampling, after each
+    image's decode, and before the loss: the decode's and the loss's large tensors are not stacked on top of it."""
+    from trust_engine import functional, saliency
+
+    assert functional.release_free_memory() is (functional._LIBC[0] is not None)
+    calls = []
+    monkeypatch.setattr(saliency, "release_free_memory", lambda: calls.append("saliency") or True)
+    monkeypatch.setattr(unlearn, "release_free_memory", lambda: calls.append("step") or True)
+    _, parts, aligner = testbed
+    merged = concepts.merge([concepts.expand("triangle")])
+    config = unlearn.config_for("cip", batch=1, early_stop=None, saliency=SaliencyConfig(steps=2, images=2))
+    run = unlearn.TrustRun(parts, merged, config, aligner, 3.0)
+    g = torch.Generator().manual_seed(0)
+    run.set_data(torch.randn(2, *parts.latent_shape, generator=g), ["triangle"] * 2,
+                 torch.randn(2, *parts.latent_shape, generator=g), ["a circle"] * 2)
+    run.step(1)
+    assert calls == ["saliency"] * 3 + ["step"], calls

@@ -28,6 +28,28 @@ def private_tree(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
+_LIBC: list = []
+
+
+def release_free_memory() -> bool:
+    """On Linux with glibc: hand the C allocator's free heap pages back to the OS (malloc_trim). Tensors under
+    32 MiB live on the heap, and after a pass the freed ones stay resident (0.2-0.3 GiB after an SD1.5 UNet forward
+    at 64x64, batch 4); the saliency's decode then allocates its large tensors elsewhere (mmap), on top of that. A few
+    milliseconds; changes no value. Returns whether it ran."""
+    if not _LIBC:
+        import ctypes
+        import sys
+
+        try:
+            _LIBC.append(ctypes.CDLL("libc.so.6").malloc_trim if sys.platform.startswith("linux") else None)
+        except (OSError, AttributeError):
+            _LIBC.append(None)
+    if _LIBC[0] is None:
+        return False
+    _LIBC[0](0)
+    return True
+
+
 class _Checkpointed(nn.Module):
     """Runs its module under activation checkpointing while gradients are being recorded: its activations are
     recomputed in the backward pass instead of being kept."""
