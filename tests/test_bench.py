@@ -11,22 +11,45 @@ def test_every_method_measures_a_step_on_a_tiny_unet(monkeypatch):
     original = unlearn.TrustRun.step
     monkeypatch.setattr(unlearn.TrustRun, "step", lambda self, i: calls.append(i) or original(self, i))
     rows = {m: bench.measure_one("tiny", m, 1, "cpu", torch.float32) for m in bench.METHODS}
-    assert all(r["flops"] > 0 and r["cpu_s"] > 0 and r["weights_bytes"] > 0 for r in rows.values())
+    flops = {m: bench.measure_one("tiny", m, 1, "cpu", torch.float32, what="flops") for m in bench.METHODS}
+    assert all(r["cpu_s"] > 0 and r["weights_bytes"] > 0 and r["peak_bytes"] >= r["rss_before"] > 0
+               for r in rows.values())
+    assert all(r["flops"] > 0 for r in flops.values())
     assert rows["trust_cip"]["trainable"] < 0.1 * rows["full_ft"]["trainable"]
-    assert rows["trust_csr"]["flops"] > rows["trust_cip"]["flops"]  # the Hessian-vector product costs extra passes
-    assert len(calls) == 4, "TRuST's step is the engine's own TrustRun.step (counted + timed, for CIP and CSR)"
+    assert flops["trust_csr"]["flops"] > flops["trust_cip"]["flops"]  # the Hessian-vector product costs extra passes
+    assert len(calls) == 4, "TRuST's step is the engine's own TrustRun.step (memory + FLOPs, for CIP and CSR)"
     assert rows["trust_cip"]["weights_bytes"] > rows["full_ft"]["weights_bytes"]  # + the VAE and the aligner
+    assert {"saliency: decode (x0 -> image)", "loss: forward + backward"} <= set(rows["trust_cip"]["phases"])
+
+
+def test_memory_is_measured_without_the_flop_counter(monkeypatch):
+    """The memory process runs the step with no dispatch mode (FlopCounterMode is one) active; FLOPs are counted in
+    a process of their own."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    modes = []
+    original = unlearn.TrustRun.step
+    monkeypatch.setattr(unlearn.TrustRun, "step",
+                        lambda self, i: modes.append(_get_current_dispatch_mode()) or original(self, i))
+    row = bench.measure_one("tiny", "trust_cip", 1, "cpu", torch.float32, what="memory")
+    assert modes == [None] and "flops" not in row and row["state_bytes"] == row["peak_bytes"] - row["rss_before"]
+    bench.measure_one("tiny", "trust_cip", 1, "cpu", torch.float32, what="flops")
+    assert modes[1] is not None
 
 
 def test_runner_gives_ratios_and_per_sample_slopes(monkeypatch):
     import json
     import subprocess
 
+    whats = []
+
     def fake(cmd, **_):
-        arch, method, steps, device, dtype, batch = cmd[3:9]
+        arch, method, steps, device, dtype, batch, latent, what = cmd[3:11]
+        whats.append(what)
         peak = {"full_ft": 10.0, "esd": 6.0, "trust_cip": 4.0, "trust_csr": 5.0}[method] + int(batch)
-        row = {"arch": arch, "method": method, "batch": int(batch), "flops": 1.0, "peak_bytes": peak,
-               "trainable": 1, "weights_bytes": 1, "cpu_s": 1.0, "wall_s": 1.0}
+        row = {"arch": arch, "method": method, "batch": int(batch), "trainable": 1, "weights_bytes": 1}
+        row.update({"flops": 1.0} if what == "flops" else
+                   {"peak_bytes": peak, "rss_before": 1.0, "state_bytes": peak - 1, "cpu_s": 1.0, "wall_s": 1.0})
         return subprocess.CompletedProcess(cmd, 0, json.dumps(row) + "\n", "")
 
     monkeypatch.setattr(bench.subprocess, "run", fake)
@@ -34,6 +57,7 @@ def test_runner_gives_ratios_and_per_sample_slopes(monkeypatch):
     cip2 = next(r for r in rows if r["method"] == "trust_cip" and r["batch"] == 2)
     assert cip2["peak_bytes_vs_full_ft"] == 6.0 / 12.0
     assert cip2["peak_bytes_per_sample"] == 1.0
+    assert cip2["flops"] == 1.0 and whats[:2] == ["memory", "flops"], "memory and FLOPs in separate processes"
 
 
 def test_gpu_check_refuses_without_cuda_and_dry_runs_on_the_cpu(capsys):

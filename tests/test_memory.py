@@ -108,3 +108,49 @@ def test_the_engine_run_checkpoints_sd_sized_latents_by_default(testbed):
     assert unlearn.TrustRun(parts, merged, config, aligner, 3.0).deltas.checkpointed == 0  # small: not worth it
     forced = dataclasses.replace(config, checkpoint=True)
     assert unlearn.TrustRun(parts, merged, forced, aligner, 3.0).deltas.checkpointed > 0
+
+
+def test_vae_resnets_keep_no_norm_output_with_the_same_gradient():
+    """Inside the decoder copy, each resnet's GroupNorm runs with its SiLU under one checkpoint: the norm outputs are
+    not saved for the backward pass (checked on the resnets alone, without the block-level checkpointing), the
+    gradient is the same, and checkpointed_copy applies it."""
+    from torch import nn
+
+    from trust_engine.functional import fuse_norm_act, private_tree
+
+    vae = bench._models("tiny", torch.device("cpu"), torch.float32)[1]
+    fused = private_tree(vae.decoder)
+    assert fuse_norm_act(fused) > 0
+    z = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    plain_block = next(m for m in vae.decoder.modules() if type(m).__name__ == "ResnetBlock2D")
+    fused_block = next(m for m in fused.modules() if type(m).__name__ == "ResnetBlock2D")
+    g_plain, saved_plain = grad_of(lambda x: plain_block(x, None), z)
+    g_fused, saved_fused = grad_of(lambda x: fused_block(x, None), z)
+    norm_outputs = 2 * z.numel() * z.element_size()  # norm1's and norm2's outputs (16 channels in and out)
+    assert saved_fused <= saved_plain - norm_outputs, (saved_fused, saved_plain)
+    assert torch.allclose(g_fused, g_plain, rtol=1e-5, atol=1e-7)
+    assert not any(isinstance(m.norm1, _Checkpointed) for m in vae.modules() if type(m).__name__ == "ResnetBlock2D")
+    copy_ = checkpointed_copy(vae)
+    resnets = [m for m in copy_.modules() if type(m).__name__ == "ResnetBlock2D"]
+    assert resnets and all(isinstance(m.norm1, _Checkpointed) and isinstance(m.nonlinearity, nn.Identity)
+                           for m in resnets if m.time_emb_proj is None)
+
+
+def test_the_cpu_step_hands_freed_heap_back_before_the_decode_and_the_loss(testbed, monkeypatch):
+    """On the CPU the allocator's free heap is released (malloc_trim) after the saliency's sampling, after each
+    image's decode, and before the loss: the decode's and the loss's large tensors are not stacked on top of it."""
+    from trust_engine import functional, saliency
+
+    assert functional.release_free_memory() is (functional._LIBC[0] is not None)
+    calls = []
+    monkeypatch.setattr(saliency, "release_free_memory", lambda: calls.append("saliency") or True)
+    monkeypatch.setattr(unlearn, "release_free_memory", lambda: calls.append("step") or True)
+    _, parts, aligner = testbed
+    merged = concepts.merge([concepts.expand("triangle")])
+    config = unlearn.config_for("cip", batch=1, early_stop=None, saliency=SaliencyConfig(steps=2, images=2))
+    run = unlearn.TrustRun(parts, merged, config, aligner, 3.0)
+    g = torch.Generator().manual_seed(0)
+    run.set_data(torch.randn(2, *parts.latent_shape, generator=g), ["triangle"] * 2,
+                 torch.randn(2, *parts.latent_shape, generator=g), ["a circle"] * 2)
+    run.step(1)
+    assert calls == ["saliency"] * 3 + ["step"], calls

@@ -520,22 +520,28 @@ def cmd_bench_scale(args: argparse.Namespace) -> int:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("float16" if device == "cuda" else "float32")
     rows = run(args.arch, args.steps, device, dtype, progress=lambda m: print(m, file=sys.stderr),
-               batches=args.batch, latent=args.latent, methods=args.methods or METHODS)
+               batches=args.batch, latent=args.latent, methods=args.methods or METHODS, flops=args.flops)
     if args.json:
         print(json.dumps(rows))
         return 0
     gib = 2**30
-    print(f"device {device}, {dtype}, {args.steps} timed step(s) after one counted warm-up; batch = forget latents "
-          f"(+ as many retain latents) per step; peak = {'max_memory_allocated' if device == 'cuda' else 'process RSS'}")
+    print(f"device {device}, {dtype}; each method: one process for memory and time "
+          f"({max(args.steps, 1)} step(s)), {'another for the FLOPs of one step' if args.flops else 'FLOPs not counted'}; "
+          f"batch = forget latents (+ as many retain latents) per step; peak = "
+          f"{'max_memory_allocated' if device == 'cuda' else 'the process peak RSS during the step'}; above weights = "
+          f"peak - the frozen weights; step state = peak - what the process held before the step")
     print(f"{'arch':<6}{'batch':>6} {'method':<10}{'TFLOP':>8}{'x FT':>7}{'peak GiB':>9}{'x FT':>7}{'weights':>8}"
-          f"{'above':>7}{'GiB/sample':>11}{'trainable':>13}{'cpu s':>8}{'x FT':>7}")
+          f"{'above w.':>9}{'step st.':>9}{'GiB/sample':>11}{'trainable':>13}{'cpu s':>8}{'x FT':>7}")
     for r in rows:
         slope = r.get("peak_bytes_per_sample")
         print(f"{r['arch']:<6}{r['batch']:>6} {r['method']:<10}{r['flops'] / 1e12:>8.2f}{r['flops_vs_full_ft']:>7.2f}"
               f"{r['peak_bytes'] / gib:>9.2f}{r['peak_bytes_vs_full_ft']:>7.2f}{r['weights_bytes'] / gib:>8.2f}"
-              f"{(r['peak_bytes'] - r['weights_bytes']) / gib:>7.2f}"
+              f"{(r['peak_bytes'] - r['weights_bytes']) / gib:>9.2f}{r.get('state_bytes', float('nan')) / gib:>9.2f}"
               f"{(slope / gib if slope is not None else float('nan')):>11.2f}{r['trainable']:>13,.0f}"
               f"{r['cpu_s']:>8.1f}{r['cpu_s_vs_full_ft']:>7.2f}  {r.get('note', '')}")
+        if r.get("phases"):
+            print("        peak RSS by part of the step (GiB): " + ", ".join(
+                f"{k} {v / gib:.2f}" for k, v in sorted(r["phases"].items(), key=lambda kv: -kv[1])))
     return 0
 
 
@@ -579,7 +585,7 @@ def cmd_gpu_check(args: argparse.Namespace) -> int:
             print("bfloat16: not supported on this GPU, skipped")
             continue
         rows = run([args.arch], 1, args.device, dtype, progress=say, batches=(1,), latent=args.latent,
-                   methods=("full_ft", "trust_cip", "trust_csr"))
+                   methods=("full_ft", "trust_cip", "trust_csr"), flops=False)
         for r in rows:
             print(f"bench-scale {args.arch} {dtype} {r['method']:<10} peak {r['peak_bytes'] / 2**30:6.2f} GiB "
                   f"({r['peak_bytes_vs_full_ft']:.2f}x full FT)  {r['wall_s']:7.2f} s/step")
@@ -727,7 +733,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("bench-scale", help="FLOPs/memory/time of one TRuST step vs full fine-tuning and ESD on SD-sized UNets")
     p.add_argument("--arch", nargs="+", choices=("sd15", "sdxl", "tiny"), default=["sd15", "sdxl"], help="UNet shapes (default sd15 sdxl)")
-    p.add_argument("--steps", type=int, default=1, help="timed steps per method after the counted one (default 1; 0 = time the counted step)")
+    p.add_argument("--steps", type=int, default=1, help="steps per method in the memory-and-time process (default 1; 0 = 1)")
+    p.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP-counting processes (each runs "
+                   "one more step: on a CPU, minutes per TRuST step)")
     p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
     p.add_argument("--dtype", help="float32 / float16 / bfloat16 (default: float16 on CUDA, else float32)")
     p.add_argument("--batch", nargs="+", type=int, default=[1], help="forget latents per step (as many retain "

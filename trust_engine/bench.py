@@ -124,6 +124,7 @@ def _engine_parts(arch: str, unet, vae, clip, image_size: int, device, dtype, la
                            name=f"random-init {arch}")
     tokenizer = _tokenizer()
     aligner = Aligner(clip, tokenizer, [0.481, 0.458, 0.408], [0.269, 0.261, 0.276], image_size)
+    _PARTS[:], _ALIGNERS[:] = [parts], [aligner]
     return parts, aligner
 
 
@@ -211,35 +212,147 @@ def make_step(arch: str, method: str, device, dtype, saliency_steps: int = 10, e
 
 
 def measure_one(arch: str, method: str, steps: int, device: str, dtype: torch.dtype, batch: int = 1,
-                latent: int | None = None) -> dict:
-    """FLOPs of one step, then time and peak memory over `steps` more (0: time the counted step itself, which
-    includes the FLOP counter's overhead; for machines where a step takes minutes)."""
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    step, trainable = make_step(arch, method, torch.device(device), dtype, batch=batch, latent=latent)
+                latent: int | None = None, what: str = "memory") -> dict:
+    """One process's measurement of one step of `method` (then `steps` - 1 more, timed).
+
+    what="memory": peak memory and time, with no FLOP counter or other dispatch mode active. On the CPU the peak is
+    the kernel's own peak resident set during the step (VmHWM, reset just before the step), `rss_before` what the
+    process holds before it (weights, inputs, runtime), `state_bytes` the difference (activations, gradients,
+    optimizer state, allocator slack: what the training step costs above the frozen model), and `phases` the
+    highest sampled RSS while each part of the step ran. On CUDA: max_memory_allocated and memory_allocated.
+    what="flops": the FLOPs of one step (torch.utils.flop_counter), in a process of its own, so the counter's
+    dispatch mode and module hooks cannot touch the memory figures."""
+    dev = torch.device(device)
+    step, trainable = make_step(arch, method, dev, dtype, batch=batch, latent=latent)
     weights = sum(t.numel() * t.element_size() for t in _weights_seen())
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    with FlopCounterMode(display=False) as counter:
-        step()  # also the warm-up (and, for AdamW, the creation of its state)
     row = {"arch": arch, "method": method, "batch": batch, "latent": latent or ARCHS[arch]["latent"],
-           "flops": counter.get_total_flops(), "trainable": trainable, "weights_bytes": weights, "device": device,
-           "dtype": str(dtype), "steps": steps}
-    if device == "meta":  # shapes only: FLOPs and parameter counts, no time or memory
-        return {**row, "peak_bytes": float("nan"), "cpu_s": float("nan"), "wall_s": float("nan"), "steps": 0}
-    if steps > 0:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        cpu0, wall0 = time.process_time(), time.perf_counter()
-        for _ in range(steps):
+           "trainable": trainable, "weights_bytes": weights, "device": device, "dtype": str(dtype), "what": what}
+    if what == "flops" or device == "meta":  # on meta: shapes only, no time or memory
+        with FlopCounterMode(display=False) as counter:
             step()
-    if device.startswith("cuda"):
+        return {**row, "flops": counter.get_total_flops()}
+    watch = RssWatch() if dev.type == "cpu" else None
+    if watch:
+        _instrument(watch, method)
+    if dev.type == "cuda":
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB; whole process, incl. weights
+        before = watch.start()
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    phases = {}
+    try:
+        for _ in range(max(steps, 1)):  # the first step also creates the optimizer state
+            step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    finally:
+        if watch:
+            peak, phases = watch.stop()
     timed = max(steps, 1)
-    return {**row, "peak_bytes": peak, "cpu_s": (time.process_time() - cpu0) / timed,
-            "wall_s": (time.perf_counter() - wall0) / timed}
+    return {**row, "peak_bytes": peak, "rss_before": before, "state_bytes": peak - before, "phases": phases,
+            "cpu_s": cpu / timed, "wall_s": wall / timed, "steps": timed}
+
+
+def _proc_status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+class RssWatch:
+    """The process's resident set while a step runs (Linux): the exact peak is the kernel's VmHWM, reset at
+    `start` through /proc/self/clear_refs; a thread samples VmRSS every `interval` seconds and keeps the highest value
+    seen under each phase label (`with watch.phase("saliency")`, the innermost label counts), so the peak can be
+    attributed to a part of the step. tracemalloc does not see torch's allocations; the RSS does."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        import threading
+
+        self.interval = interval
+        self.stack = ["step"]
+        self.peaks: dict[str, int] = {}
+        self._wrapped: list[tuple[object, str, object]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def start(self) -> int:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := VmRSS
+        except OSError:
+            pass
+        before = _proc_status("VmRSS")
+        self._thread.start()
+        return before
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            label, rss = self.stack[-1], _proc_status("VmRSS")
+            if rss > self.peaks.get(label, 0):
+                self.peaks[label] = rss
+            self._stop.wait(self.interval)
+
+    def stop(self) -> tuple[int, dict[str, int]]:
+        """The peak since `start` and the per-phase peaks; undoes `wrap`."""
+        self._stop.set()
+        self._thread.join()
+        for owner, name, original in reversed(self._wrapped):
+            if isinstance(owner, type) or not hasattr(type(owner), name):
+                setattr(owner, name, original)
+            else:  # an instance attribute over a method: drop it
+                delattr(owner, name)
+        self._wrapped.clear()
+        return _proc_status("VmHWM"), dict(self.peaks)
+
+    def phase(self, label: str):
+        watch = self
+
+        class _Phase:
+            def __enter__(self):
+                watch.stack.append(label)
+
+            def __exit__(self, *exc):
+                watch.stack.pop()
+
+        return _Phase()
+
+    def wrap(self, owner, name: str, label: str) -> None:
+        """Replace owner.name (a function or method) by one that runs under the phase `label`."""
+        fn = getattr(owner, name)
+        self._wrapped.append((owner, name, owner.__dict__.get(name, fn) if isinstance(owner, type) else fn))
+
+        def wrapped(*args, **kwargs):
+            with self.phase(label):
+                return fn(*args, **kwargs)
+
+        setattr(owner, name, wrapped)
+
+
+def _instrument(watch: RssWatch, method: str) -> None:
+    """Phase labels on the engine's step, for the memory process only (it runs nothing else)."""
+    if not method.startswith("trust"):
+        return
+    from . import saliency, unlearn
+
+    watch.wrap(unlearn, "estimate", "saliency: sampling (no grad)")
+    watch.wrap(saliency, "_backward_per_image", "saliency: UNet backward to the probes")
+    for part in _PARTS:
+        watch.wrap(part, "decode", "saliency: decode (x0 -> image)")
+    for aligner in _ALIGNERS:
+        watch.wrap(aligner, "score", "saliency: aligner score")
+    watch.wrap(unlearn, "_loss_and_grads", "loss: forward + backward")
+    watch.wrap(unlearn, "_csr_finite_difference", "loss: CSR finite-difference HVP")
+    watch.wrap(unlearn.MaskedAdam, "step", "masked Adam update")
+
+
+_PARTS: list = []
+_ALIGNERS: list = []
 
 
 _BUILT: list[torch.nn.Module] = []
@@ -250,35 +363,41 @@ def _weights_seen() -> list[torch.Tensor]:
 
 
 def run(archs: list[str], steps: int, device: str, dtype: str, progress=print, batches=(1,),
-        latent: int | None = None, methods=METHODS) -> list[dict]:
-    """Every (arch, batch, method) in its own process; returns the rows with ratios to full_ft at the same arch and
-    batch, and per method the per-sample slope of peak memory between the smallest and largest batch."""
+        latent: int | None = None, methods=METHODS, flops: bool = True) -> list[dict]:
+    """Every (arch, batch, method) in its own process for memory and time, and (`flops`) in another for the FLOP
+    count; returns the rows with ratios to full_ft at the same arch and batch, and per method the per-sample slope of
+    peak memory between the smallest and largest batch."""
     rows = []
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     for arch in archs:
         for batch in batches:
             base = None
             for method in methods:
-                progress(f"bench-scale: {arch} batch {batch} {method} ...")
+                progress(f"bench-scale: {arch} batch {batch} {method}: memory and time ...")
                 cmd = [sys.executable, "-m", "trust_engine.bench", arch, method, str(steps), device, dtype, str(batch),
                        str(latent or 0)]
-                out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                out = subprocess.run(cmd + ["memory"], capture_output=True, text=True, env=env)
                 note = ""
                 if out.returncode != 0 and _out_of_memory(out):
                     note = f"does not fit in this machine's memory on {device}"
-                    progress(f"bench-scale: {arch} {method}: {note}; counting FLOPs on the meta device")
-                    out = subprocess.run(cmd[:4] + ["meta"] + cmd[5:], capture_output=True, text=True, env=env)
-                    if out.returncode != 0:  # the engine's step reads values (losses, norms): not on meta
-                        row = {"arch": arch, "method": method, "batch": batch, "flops": float("nan"),
-                               "peak_bytes": float("nan"), "trainable": float("nan"), "weights_bytes": float("nan"),
-                               "cpu_s": float("nan"), "wall_s": float("nan"), "device": "meta", "note": note}
-                        rows.append(_ratios(row, base))
-                        continue
-                if out.returncode != 0:
+                    progress(f"bench-scale: {arch} {method}: {note}")
+                    row = {"arch": arch, "method": method, "batch": batch, "peak_bytes": float("nan"),
+                           "state_bytes": float("nan"), "rss_before": float("nan"), "trainable": float("nan"),
+                           "weights_bytes": float("nan"), "cpu_s": float("nan"), "wall_s": float("nan"),
+                           "device": device}
+                elif out.returncode != 0:
                     raise RuntimeError(f"bench-scale {arch} {method} failed:\n{out.stderr[-2000:]}")
-                row = json.loads(out.stdout.strip().splitlines()[-1])
-                row["note"] = note
-                base = base or row
+                else:
+                    row = json.loads(out.stdout.strip().splitlines()[-1])
+                row["note"], row["flops"] = note, float("nan")
+                if flops:
+                    progress(f"bench-scale: {arch} batch {batch} {method}: FLOPs ...")
+                    counted = subprocess.run(cmd + ["flops"], capture_output=True, text=True, env=env)
+                    if counted.returncode == 0:
+                        row["flops"] = json.loads(counted.stdout.strip().splitlines()[-1])["flops"]
+                        row["trainable"] = json.loads(counted.stdout.strip().splitlines()[-1])["trainable"]
+                if row["peak_bytes"] == row["peak_bytes"]:
+                    base = base or row
                 rows.append(_ratios(row, base))
     for row in rows:
         same = [r for r in rows if r["arch"] == row["arch"] and r["method"] == row["method"]
@@ -290,7 +409,7 @@ def run(archs: list[str], steps: int, device: str, dtype: str, progress=print, b
 
 
 def _ratios(row: dict, base: dict | None) -> dict:
-    for key in ("flops", "peak_bytes", "trainable", "cpu_s", "wall_s"):
+    for key in ("flops", "peak_bytes", "state_bytes", "trainable", "cpu_s", "wall_s"):
         value, ref = row.get(key, float("nan")), (base or {}).get(key, float("nan"))
         row[f"{key}_vs_full_ft"] = value / ref if ref and ref == ref else float("nan")
     return row
@@ -358,6 +477,7 @@ def _out_of_memory(out: subprocess.CompletedProcess) -> bool:
 
 if __name__ == "__main__":
     arch, method, steps, device, dtype, batch, latent = sys.argv[1:8]
+    what = sys.argv[8] if len(sys.argv) > 8 else "memory"
     torch.manual_seed(0)
     print(json.dumps(measure_one(arch, method, int(steps), device, getattr(torch, dtype), int(batch),
-                                 int(latent) or None)))
+                                 int(latent) or None, what)))

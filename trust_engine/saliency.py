@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from .functional import SiteDeltas
+from .functional import SiteDeltas, release_free_memory
 from .parts import Aligner, DiffusionParts
 from .progress import ProgressEvent
 
@@ -116,6 +116,8 @@ def estimate(parts: DiffusionParts, deltas: SiteDeltas, prompts: list[str], conf
             if progress:
                 progress(ProgressEvent("saliency", i + 1, config.steps, {}, "sampling"))
     t = sched.timesteps[k_stop]
+    if torch.device(parts.device).type == "cpu":
+        release_free_memory()  # the sampling's freed activations, before the decode's backward allocates on top
     anchor_cond = parts.encode_text([anchor] * n) if mode == "noise" else None
     scale = _HALF_SCALE if parts.dtype == torch.float16 else 1.0
     for _ in range(40):
@@ -153,6 +155,9 @@ def _backward_per_image(parts, deltas, latents, t, cond, uncond, anchor_cond, ch
             objective = aligner.score(image, [chosen[i]]).sum() / n
             (d_out,) = torch.autograd.grad(objective * scale, out)
             images.append(image.detach())
+            del image, x0
+            if latents.device.type == "cpu":
+                release_free_memory()
             shares = ((cond, cfg), (uncond, 1.0 - cfg))
         else:
             with torch.no_grad():

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from . import __version__
 from .concepts import ExpandedConcept, MergedConcepts, merge
 from .delta import Delta, fingerprint
-from .functional import SiteDeltas
+from .functional import SiteDeltas, release_free_memory
 from .parts import Aligner, DiffusionParts
 from .progress import NanGuard, ProgressEvent, null_progress
 from .ranges import check_config
@@ -322,6 +322,8 @@ class TrustRun:
         """One step of Algorithm 2; returns its history record."""
         config, deltas = self.config, self.deltas
         self.refresh_mask(step)
+        if torch.device(self.parts.device).type == "cpu":
+            release_free_memory()  # the saliency's freed heap, before the loss's passes
         mask = self.mask
         loss, grads, log = _loss_and_grads(self, mask)
         if not self.scaler.finite(grads) and math.isfinite(loss):
