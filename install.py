@@ -77,9 +77,21 @@ def plan(lines: list[str], installed=installed_version, host_owned=HOST_OWNED) -
     return install, warnings
 
 
+# Caps that follow from the host's versions: diffusers 0.32+ imports SiglipImageProcessor (transformers >= 4.37) and
+# 0.33+ touches torch.xpu (absent from torch 2.1). diffusers 0.31.0 is the newest tested beside AUTOMATIC1111 v1.8.0.
+COMPAT_CAPS = (("transformers", "4.37", "diffusers<0.32"), ("torch", "2.3", "diffusers<0.32"))
+
+
 def constraints(installed=installed_version, host_owned=HOST_OWNED) -> list[str]:
-    """`name==version` for every host-owned package that is installed: pip may not move them."""
-    return sorted(f"{name}=={v}" for name in host_owned if (v := installed(name)) is not None)
+    """`name==version` for every host-owned package that is installed (pip may not move them), plus the caps their
+    versions imply for our own packages."""
+    _, Version = _packaging()
+    pins = {f"{name}=={v}" for name in host_owned if (v := installed(name)) is not None}
+    for name, below, cap in COMPAT_CAPS:
+        v = installed(name)
+        if v is not None and Version(v).release < Version(below).release:
+            pins.add(cap)
+    return sorted(pins)
 
 
 def main() -> None:

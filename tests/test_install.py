@@ -30,7 +30,7 @@ def test_our_requirements_are_satisfied_by_automatic1111s_pins_except_diffusers(
 
 
 def test_nothing_to_do_when_everything_is_satisfied():
-    assert install.plan(install.requirements(), versions({**A1111, "diffusers": "0.27.2"})) == ([], [])
+    assert install.plan(install.requirements(), versions({**A1111, "diffusers": "0.31.0"})) == ([], [])
 
 
 def test_torch_is_never_installed_even_when_missing_or_too_old():
@@ -56,7 +56,9 @@ def test_a_missing_host_owned_package_is_installed_and_markers_are_honoured():
 def test_constraints_pin_the_installed_host_packages():
     pins = install.constraints(versions(A1111))
     assert "transformers==4.30.2" in pins and "torch==2.1.2" in pins and "gradio==3.41.2" in pins
-    assert not any(p.startswith("diffusers") for p in pins)
+    assert "diffusers<0.32" in pins  # newer diffusers needs transformers >= 4.37 and torch >= 2.3
+    assert not any(p.startswith("diffusers") for p in install.constraints(versions({"transformers": "5.1",
+                                                                                  "torch": "2.13.0"})))
 
 
 FAKE_LAUNCH = ("import sys\n"
