@@ -40,6 +40,8 @@ def mount(demo, app) -> None:
                 shared.state.end()
         return {k: v for k, v in out.items()}
 
+    unlearn.__annotations__["body"] = Body  # a real class, not the string `from __future__ import annotations` makes
+
     def deltas():
         return {"deltas": run.list_deltas(shared)}
 

@@ -1,0 +1,104 @@
+"""Tier 2 in a real AUTOMATIC1111 (see conftest.py): the extension loads, the tab builds under the web UI's gradio,
+the routes answer, a run writes a file the Lora list shows, <lora:x:1> changes the image and <lora:x:0> does not,
+and Interrupt stops a run with nothing written and the model unchanged."""
+
+import base64
+import io
+import threading
+import time
+
+import numpy as np
+import pytest
+
+RUN = dict(concepts="a red circle", mode="individual", loss="CIP", steps=2, training_images=2, resolution=64, seed=0,
+           learning_rate=0.05, file_name="tier2_red_circle")
+
+
+def image(webui, prompt: str) -> np.ndarray:
+    from PIL import Image
+
+    r = webui.post("/sdapi/v1/txt2img", json={"prompt": prompt, "negative_prompt": "", "steps": 3, "width": 64,
+                                              "height": 64, "seed": 7, "sampler_name": "Euler", "cfg_scale": 7})
+    assert r.status_code == 200, r.text
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB"))
+
+
+def deltas(webui):
+    return sorted(p.name for p in webui.lora_dir.rglob("*.safetensors"))
+
+
+def test_extension_loads_and_the_tab_builds(webui):
+    r = webui.get("/trust/v1/deltas")
+    assert r.status_code == 200 and r.json() == {"deltas": []}
+    config = webui.get("/config").json()
+    ids = {c.get("props", {}).get("elem_id") for c in config["components"]}
+    assert {"trust_erase", "trust_interrupt", "trust_concepts", "trust_tag"} <= ids
+    scripts = webui.get("/").text
+    assert "trust.js" in scripts or "trust_start" in scripts
+
+
+def test_bad_input_is_a_422_with_the_reason(webui):
+    r = webui.post("/trust/v1/unlearn", json={**RUN, "steps": -3})
+    assert r.status_code == 422 and "steps" in r.text
+
+
+@pytest.fixture(scope="module")
+def delta(webui):
+    base = image(webui, "a red circle")
+    start = time.time()
+    r = webui.post("/trust/v1/unlearn", json=RUN)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    out["seconds"], out["base"] = time.time() - start, base
+    return out
+
+
+def test_a_run_writes_a_file_the_lora_list_shows(webui, delta):
+    assert delta["tag"] == "<lora:tier2_red_circle:1>" and delta["family"] == "SD1.x"
+    assert deltas(webui) == ["tier2_red_circle.safetensors"]
+    assert webui.post("/sdapi/v1/refresh-loras").status_code == 200
+    loras = webui.get("/sdapi/v1/loras").json()
+    entry = next(x for x in loras if x["name"] == "tier2_red_circle")
+    assert entry["metadata"]["ss_base_model_version"] == "sd_v1"
+    assert [d["name"] for d in webui.get("/trust/v1/deltas").json()["deltas"]] == ["tier2_red_circle"]
+
+
+def test_lora_tag_changes_the_image_and_strength_zero_does_not(webui, delta):
+    base = delta["base"]
+    assert np.array_equal(image(webui, "a red circle"), base)  # training left the model as it was
+    erased = image(webui, "a red circle <lora:tier2_red_circle:1>")
+    assert not np.array_equal(erased, base)
+    assert np.array_equal(image(webui, "a red circle <lora:tier2_red_circle:0>"), base)
+    assert np.array_equal(image(webui, "a red circle"), base)  # and the Lora is taken off again
+    assert "didn't match keys" not in webui.log.read_text()  # every key of the file found its layer
+
+
+def test_same_inputs_reuse_the_file(webui, delta):
+    r = webui.post("/trust/v1/unlearn", json=RUN)
+    assert r.status_code == 200 and r.json()["reused"] and deltas(webui) == ["tier2_red_circle.safetensors"]
+
+
+def test_interrupt_stops_a_run_with_nothing_written(webui, delta):
+    base = image(webui, "a red circle")
+    before = deltas(webui)
+    result = {}
+
+    def run():
+        result["r"] = webui.post("/trust/v1/unlearn", json={**RUN, "steps": 500, "file_name": "tier2_interrupted"})
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.time() + 120
+    seen = None
+    while time.time() < deadline:
+        state = webui.get("/sdapi/v1/progress?skip_current_image=true").json()["state"]
+        if state.get("job") == "TRuST unlearning" and state.get("sampling_step", 0) > 0:
+            seen = state
+            break
+        time.sleep(0.2)
+    assert seen is not None, "the run never showed up in /sdapi/v1/progress"
+    assert webui.post("/sdapi/v1/interrupt").status_code == 200
+    thread.join(300)
+    assert result["r"].status_code == 409 and "nothing was saved" in result["r"].text
+    assert deltas(webui) == before
+    assert np.array_equal(image(webui, "a red circle"), base)
