@@ -74,6 +74,7 @@ def webui():
     (data / "extensions").mkdir()
     (data / "models" / "Lora").mkdir(parents=True)
     (data / "extensions" / "trust-unlearning").symlink_to(REPO, target_is_directory=True)
+    (data / "extensions" / "trust-tier2-probe").symlink_to(HERE / "probe_ext", target_is_directory=True)
     build = subprocess.run([sys.executable, str(HERE / "make_tiny_sd15.py"), str(root), str(data), str(TOKENIZER)],
                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert build.returncode == 0, build.stderr[-3000:]

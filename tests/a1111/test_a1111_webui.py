@@ -73,6 +73,28 @@ def test_lora_tag_changes_the_image_and_strength_zero_does_not(webui, delta):
     assert "didn't match keys" not in webui.log.read_text()  # every key of the file found its layer
 
 
+def test_lora_extension_weights_are_base_plus_the_engines_delta_at_the_changed_rows_only(webui, delta):
+    import torch
+    from trust_engine.delta import Delta
+
+    image(webui, "a red circle")  # no Lora: the extension restores the checkpoint's weights
+    base = {k: torch.tensor(v) for k, v in webui.get("/trust_probe/v1/weights").json()["weights"].items()}
+    image(webui, "a red circle <lora:tier2_red_circle:1>")  # the extension writes base + delta in place
+    patched = {k: torch.tensor(v) for k, v in webui.get("/trust_probe/v1/weights").json()["weights"].items()}
+    engine = Delta.load(delta["file"])
+    assert engine.sites and set(engine.sites) <= set(base)
+    for name, w in base.items():
+        if name not in engine.sites:
+            assert torch.equal(patched[name], w), name
+            continue
+        rows = engine.sites[name].rows
+        expected = w + engine.dense(name).float()
+        assert torch.allclose(patched[name][rows], expected[rows], atol=1e-6, rtol=0), name
+        others = torch.ones(w.shape[0], dtype=torch.bool)
+        others[rows] = False
+        assert torch.equal(patched[name][others], w[others]), name
+
+
 def test_same_inputs_reuse_the_file(webui, delta):
     r = webui.post("/trust/v1/unlearn", json=RUN)
     assert r.status_code == 200 and r.json()["reused"] and deltas(webui) == ["tier2_red_circle.safetensors"]
