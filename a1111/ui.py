@@ -20,7 +20,8 @@ def _limits(name: str) -> dict:
 
 def erase(id_task, concepts, mode, loss, steps, learning_rate, relative_lr, beta, xi, mask_refresh, seed,
           training_images, resolution, preserve, file_name, aligner):
-    """The Erase button (run under wrap_gradio_gpu_call: queue lock, shared.state.begin/end)."""
+    """The Erase button (run under wrap_gradio_gpu_call: queue lock, shared.state.begin/end). Returns the tag, the
+    curves, the report, the file HTML and the (empty) error HTML."""
     request = run.Request(concepts=concepts, mode=mode, loss=loss, steps=int(steps), learning_rate=float(learning_rate),
                           relative_lr=float(relative_lr), beta=float(beta), xi=float(xi),
                           mask_refresh=int(mask_refresh), seed=int(seed), training_images=int(training_images),
@@ -28,10 +29,11 @@ def erase(id_task, concepts, mode, loss, steps, learning_rate, relative_lr, beta
     try:
         out = run.unlearn(request)
     except host.Interrupted as e:
-        return "", None, f"Interrupted: {e}", ""
+        return "", None, f"Interrupted: {e}", "", ""
     curves = training_curves(out["history"], f"TRuST ({loss}): {concepts.strip().splitlines()[0]}") \
         if out["history"] else None
-    return out["tag"], curves, out["report"], f"<p>{html.escape(out['file'])}</p>"
+    # the last output is the error/performance HTML that wrap_gradio_call fills
+    return out["tag"], curves, out["report"], f"<p>{html.escape(out['file'])}</p>", ""
 
 
 def tabs():

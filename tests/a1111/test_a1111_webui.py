@@ -124,3 +124,40 @@ def test_interrupt_stops_a_run_with_nothing_written(webui, delta):
     assert result["r"].status_code == 409 and "nothing was saved" in result["r"].text
     assert deltas(webui) == before
     assert np.array_equal(image(webui, "a red circle"), base)
+
+
+def test_the_tab_erases_in_a_browser(webui, delta, tmp_path):
+    """The tab as a user drives it (headless Chromium through playwright; skipped without them): fill the inputs,
+    Erase, the tag appears. A1111_SCREENSHOT_DIR keeps a screenshot of the tab (the README's)."""
+    import os
+    import shutil
+
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium executable")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(webui.url, timeout=120_000)
+            page.locator("#tabs > .tab-nav button", has_text="TRuST").click(timeout=120_000)
+            page.fill("#trust_concepts textarea", "a red circle")
+            for elem, value in (("trust_steps", "2"), ("trust_training_images", "2"), ("trust_resolution", "64"),
+                                ("trust_learning_rate", "0.05"), ("trust_seed", "5")):  # seed 5: not a reuse of RUN's file
+                box = page.locator(f"#{elem} input[type=number]").first
+                box.fill(value)
+                box.press("Tab")
+            page.fill("#trust_file_name textarea, #trust_file_name input", "tier2_tab")
+            page.click("#trust_erase")
+            page.wait_for_function(
+                "() => (document.querySelector('#trust_tag textarea') || {}).value === '<lora:tier2_tab:1>'",
+                timeout=240_000)
+            report = page.input_value("#trust_report textarea")
+            assert "Saved tier2_tab.safetensors" in report
+            assert (webui.lora_dir / "TRuST" / "tier2_tab.safetensors").is_file()
+            folder = os.environ.get("A1111_SCREENSHOT_DIR")
+            page.screenshot(path=str((folder and os.path.join(folder, "trust_tab.png")) or tmp_path / "tab.png"),
+                            full_page=True)
+        finally:
+            browser.close()
