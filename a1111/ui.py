@@ -74,7 +74,7 @@ def tabs():
                     interrupt = gr.Button("Interrupt", elem_id="trust_interrupt")
                     start = gr.Button("Erase", variant="primary", elem_id="trust_erase")
             with gr.Column(variant="panel"):
-                progress = gr.HTML(elem_id="trust_progress")
+                gr.HTML(elem_id="trust_progress")  # trust.js writes shared.state.textinfo here
                 output = gr.HTML(elem_id="trust_output")
                 with gr.Row():
                     tag = gr.Textbox(label="Resulting LoRA tag", elem_id="trust_tag", interactive=False)

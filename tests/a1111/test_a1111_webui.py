@@ -75,6 +75,7 @@ def test_lora_tag_changes_the_image_and_strength_zero_does_not(webui, delta):
 
 def test_lora_extension_weights_are_base_plus_the_engines_delta_at_the_changed_rows_only(webui, delta):
     import torch
+
     from trust_engine.delta import Delta
 
     image(webui, "a red circle")  # no Lora: the extension restores the checkpoint's weights
