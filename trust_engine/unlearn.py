@@ -529,9 +529,14 @@ def _loss_and_grads(run: TrustRun, mask):
 
 
 def _math_attention():
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.MATH])  # the fused kernels have no double backward
+    """Scaled-dot-product attention restricted to the math kernel: the fused kernels have no double backward.
+    torch >= 2.3 has torch.nn.attention.sdpa_kernel; older torch (AUTOMATIC1111 pins 2.1.2) the same switch as
+    torch.backends.cuda.sdp_kernel, which also governs the CPU kernels."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3
+        return torch.backends.cuda.sdp_kernel(enable_flash=False, enable_math=True, enable_mem_efficient=False)
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def _masked_square(grads, masked: dict[str, torch.Tensor]) -> torch.Tensor:

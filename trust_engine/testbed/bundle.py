@@ -34,8 +34,25 @@ def load_pipeline(folder: str | Path | None = None, device: str | torch.device =
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     folder = _require(Path(folder) if folder else paths.PIPELINE)
     pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
+    _reload_flat_text_encoder(pipe.text_encoder, folder / "text_encoder" / "model.safetensors")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def _reload_flat_text_encoder(encoder, weights: Path) -> None:
+    """The bundled text encoder was saved by transformers 5, whose CLIPTextModel has no `text_model.` level; older
+    transformers (AUTOMATIC1111 pins 4.30.2) then load none of its weights (and only warn). Load them here."""
+    if not hasattr(encoder, "text_model") or not weights.exists():
+        return
+    state = load_file(str(weights))
+    if not state or any(k.startswith("text_model.") for k in state):
+        return
+    prefixed = {f"text_model.{k}": v for k, v in state.items()}
+    wanted = encoder.state_dict()
+    missing = [k for k in wanted if k not in prefixed and not k.endswith("position_ids")]
+    if missing:
+        raise MissingWeightsError(f"the bundled text encoder does not fit this transformers version (missing {missing[0]})")
+    encoder.load_state_dict({k: v.to(wanted[k].dtype) for k, v in prefixed.items()}, strict=False)
 
 
 def load_aligner(folder: str | Path | None = None, device: str | torch.device = "cpu"):

@@ -1,0 +1,262 @@
+"""AUTOMATIC1111 adapter: turns `shared.sd_model` (SD1.x, SD2.x incl. v-prediction, SDXL) into the engine's
+DiffusionParts and bridges progress, interruption and the Lora folder. Thin, like nodes/host.py for ComfyUI.
+
+The web UI's model is never written by training: the UNet and VAE used are private module trees over the host's own
+tensors (`functional.private_tree`), read only. Two things of the host are switched for the run and switched back:
+the built-in Lora extension's in-place weight patches (restored to the checkpoint's weights first; the extension
+re-applies its Loras at the next generation) and the cross-attention optimisations (undone for training, as the
+web UI's own textual-inversion training does, and re-applied afterwards, also after an error or an interruption).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import sys
+from collections.abc import Iterator
+
+import torch
+
+from ..trust_engine.functional import DECODER_BLOCKS, checkpoint_blocks
+from ..trust_engine.job import NATIVE_RESOLUTION
+from ..trust_engine.parts import DiffusionParts, pack_extra, unpack_extra
+from ..trust_engine.progress import ProgressEvent
+from ..trust_engine.unet_view import UnknownArchitectureError, find_sites, site_weight
+
+NETWORK_ATTRS = ("network_layer_name", "network_current_names", "network_weights_backup", "network_bias_backup")
+
+
+class HostModelError(ValueError):
+    """The loaded checkpoint or the web UI's mode cannot be used for training (with what to do instead)."""
+
+
+class Interrupted(Exception):
+    """The user pressed Interrupt (or /sdapi/v1/interrupt was called): nothing is saved."""
+
+
+def model_family(sd_model, cmd_opts=None) -> str:
+    """'SD1.x', 'SD2.x' or 'SDXL' for the web UI's loaded model; a clear refusal for anything the engine cannot
+    train on here."""
+    if sd_model is None:
+        raise HostModelError("no checkpoint is loaded: choose one in the Stable Diffusion checkpoint list")
+    if hasattr(sd_model, "forge_objects"):
+        raise HostModelError("training on Forge is not supported in this version: train in AUTOMATIC1111 or "
+                             "ComfyUI; the resulting <lora:...> file applies in Forge")
+    if cmd_opts is not None and (getattr(cmd_opts, "lowvram", False) or getattr(cmd_opts, "medvram", False)):
+        raise HostModelError("TRuST cannot train with --lowvram/--medvram (the UNet is moved piece by piece): "
+                             "restart the web UI without them, lower 'resolution' instead")
+    if getattr(sd_model, "lowvram", False):
+        raise HostModelError("the model is loaded in low-VRAM mode; restart the web UI without --lowvram/--medvram")
+    if getattr(sd_model, "is_sd3", False):
+        raise HostModelError("this is a Stable Diffusion 3 checkpoint; TRuST unlearns SD1.x, SD2.x and SDXL "
+                             "(cross-attention UNets)")
+    if getattr(sd_model, "is_sdxl", False):
+        family = "SDXL"
+        if int(getattr(sd_model.model.diffusion_model, "adm_in_channels", 2816) or 0) == 2560:
+            raise HostModelError("this is the SDXL refiner; TRuST unlearns SDXL base checkpoints")
+    elif getattr(sd_model, "is_sd2", False):
+        family = "SD2.x"
+    elif getattr(sd_model, "is_sd1", False):
+        family = "SD1.x"
+    else:
+        raise HostModelError(f"this checkpoint ({type(sd_model).__name__}) is not SD1.x, SD2.x or SDXL")
+    unet = sd_model.model.diffusion_model
+    channels = getattr(unet, "in_channels", 4)
+    if channels != 4:
+        raise HostModelError(f"this is an {family} {'inpainting ' if channels == 9 else ''}checkpoint ({channels} "
+                             f"input channels); TRuST unlearns text-to-image checkpoints: load the non-inpainting one")
+    return family
+
+
+def check_unet_replacement(sd_unet_module) -> None:
+    if sd_unet_module is not None and getattr(sd_unet_module, "current_unet", None) is not None:
+        raise HostModelError("a UNet replacement (Settings: SD Unet, e.g. TensorRT) is active: set it to None or "
+                             "Automatic for training")
+
+
+def prediction_type(sd_model) -> str:
+    return "v_prediction" if getattr(sd_model, "parameterization", "eps") == "v" else "epsilon"
+
+
+def scheduler_config(sd_model) -> dict:
+    """A diffusers scheduler config of the model's own schedule: `alphas_cumprod_original` (the web UI may downcast
+    or rescale `alphas_cumprod` for sampling; training uses the checkpoint's)."""
+    alphas = getattr(sd_model, "alphas_cumprod_original", None)
+    if alphas is None:
+        alphas = sd_model.alphas_cumprod
+    alphas = alphas.detach().double().cpu()
+    previous = torch.cat([torch.ones(1, dtype=alphas.dtype), alphas[:-1]])
+    betas = (1 - alphas / previous).clamp(0, 0.999)
+    return {"num_train_timesteps": len(alphas), "trained_betas": betas.tolist(), "beta_schedule": "linear",
+            "prediction_type": prediction_type(sd_model), "clip_sample": False, "set_alpha_to_one": False,
+            "steps_offset": 1, "timestep_spacing": "leading"}
+
+
+def restore_lora_patches(module: torch.nn.Module, networks=None) -> int:
+    """Put the checkpoint's own weights back where the built-in Lora extension patched them in place, and mark those
+    layers unpatched so the extension applies its Loras again at the next generation. Returns how many layers."""
+    networks = networks if networks is not None else sys.modules.get("networks")
+    restore = getattr(networks, "network_restore_weights_from_backup", None)
+    count = 0
+    for m in module.modules():
+        if getattr(m, "network_weights_backup", None) is None and getattr(m, "network_bias_backup", None) is None:
+            continue
+        if getattr(m, "network_current_names", ()) == ():
+            continue
+        with torch.no_grad():
+            if restore is not None:
+                restore(m)
+            else:
+                if m.network_weights_backup is not None:
+                    m.weight.copy_(m.network_weights_backup)
+                if getattr(m, "network_bias_backup", None) is not None:
+                    m.bias.copy_(m.network_bias_backup)
+        m.network_current_names = ()
+        count += 1
+    return count
+
+
+def private_tree(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the module tree over the host's own tensors (frozen; no weight copied) without the Lora
+    extension's per-layer state, so the extension never patches it."""
+    memo: dict[int, object] = {}
+    for p in module.parameters():
+        memo[id(p)] = torch.nn.Parameter(p.detach(), requires_grad=False)
+    for b in module.buffers():
+        memo[id(b)] = b
+    for m in module.modules():
+        for attr in ("network_weights_backup", "network_bias_backup"):
+            value = getattr(m, attr, None)
+            if value is not None:
+                memo[id(value)] = None
+    private = copy.deepcopy(module, memo)
+    for m in private.modules():
+        for attr in NETWORK_ATTRS:
+            if attr in m.__dict__:
+                delattr(m, attr)
+    return private.requires_grad_(False).eval()
+
+
+@contextlib.contextmanager
+def attention_for_training(sd_hijack, opts) -> Iterator[bool]:
+    """Undo the web UI's cross-attention optimisations (xformers and friends have no double backward) unless the
+    user asked to train with them (Settings: training_xattention_optimizations); re-apply them afterwards, always.
+    Yields whether they were undone."""
+    keep = bool(getattr(opts, "training_xattention_optimizations", False))
+    if not keep:
+        sd_hijack.undo_optimizations()
+    try:
+        yield not keep
+    finally:
+        if not keep:
+            sd_hijack.apply_optimizations()
+
+
+def effective_site_weights(sd_model) -> dict[str, torch.Tensor]:
+    """Site name -> the checkpoint's Q/K/V weight (the Lora extension's patches taken off via its backups)."""
+    unet = sd_model.model.diffusion_model
+    out = {}
+    for site in find_sites(unet):
+        owner = unet.get_submodule(f"{_ldm_path(unet, site)}")
+        backup = getattr(owner, "network_weights_backup", None)
+        patched = getattr(owner, "network_current_names", ()) != ()
+        weight = backup if (backup is not None and patched) else site_weight(unet, site)
+        out[site.name] = weight.detach().to("cpu", copy=True)
+    return out
+
+
+def _ldm_path(unet, site) -> str:
+    from ..trust_engine.unet_view import weight_path
+
+    return weight_path(unet, site)
+
+
+@contextlib.contextmanager
+def a1111_parts(sd_model, modules, resolution: int = 0, need_decoder: bool = True) -> Iterator[DiffusionParts]:
+    """DiffusionParts of the web UI's loaded model. `modules`: an object with the web UI modules used as attributes
+    (shared, devices, prompt_parser, sd_hijack), so tests can hand in fakes."""
+    shared, devices, prompt_parser = modules.shared, modules.devices, modules.prompt_parser
+    family = model_family(sd_model, shared.cmd_opts)
+    size = resolution or NATIVE_RESOLUTION[family]
+    if size % 8:
+        raise HostModelError(f"resolution must be a multiple of 8, got {size}")
+    restore_lora_patches(sd_model)
+    host_unet = sd_model.model.diffusion_model
+    unet = private_tree(host_unet)
+    try:
+        find_sites(unet)
+    except UnknownArchitectureError as e:
+        raise HostModelError(str(e)) from None
+    decoder = None
+    if need_decoder:
+        decoder = private_tree(sd_model.first_stage_model)
+        checkpoint_blocks(decoder, lambda m: type(m).__name__ in DECODER_BLOCKS)
+    p = next(unet.parameters())
+    device, dtype = p.device, p.dtype
+    sdxl = family == "SDXL"
+    cache: dict[str, torch.Tensor] = {}
+    adm_width = int(getattr(host_unet, "adm_in_channels", 0) or 0) if sdxl else 0
+
+    def encode_one(prompt: str) -> torch.Tensor:
+        if prompt not in cache:
+            batch = prompt_parser.SdConditioning([prompt], is_negative_prompt=prompt == "", width=size, height=size)
+            with torch.no_grad(), devices.autocast():
+                c = sd_model.get_learned_conditioning(batch)
+            if sdxl:
+                cond = c["crossattn"][:, :77].float()
+                cond = torch.cat([cond, pack_extra(c["vector"].float(), cond.shape[-1])], dim=1)
+            else:
+                cond = c[:, :77].float()
+            cache[prompt] = cond.to(device).clone()
+        return cache[prompt]
+
+    def encode_text(prompts: list[str]) -> torch.Tensor:
+        return torch.cat([encode_one(p) for p in prompts]).to(dtype)
+
+    def denoise(unet_call, latents, t, cond):
+        extra = {}
+        if sdxl:
+            cond, extra["y"] = unpack_extra(cond, adm_width)
+            extra["y"] = extra["y"].to(dtype)
+        return unet_call(latents.to(dtype), t, context=cond.to(dtype), **extra)
+
+    scale = float(sd_model.scale_factor)
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        q = next(decoder.parameters())
+        images = decoder.decode(latents.to(q.device, q.dtype) / scale)
+        return ((images.float() + 1) / 2).clamp(0, 1).to(device)
+
+    try:
+        yield DiffusionParts(
+            unet=unet, denoise=denoise, encode_text=encode_text, decode=decode,
+            scheduler_config=scheduler_config(sd_model), latent_shape=(4, size // 8, size // 8),
+            prediction_type=prediction_type(sd_model), device=device, dtype=dtype, name=f"AUTOMATIC1111 {family}",
+        )
+    finally:
+        unet = decoder = None
+        cache.clear()
+        devices.torch_gc()
+
+
+class HostProgress:
+    """The engine's progress callback for the web UI: shared.state's job/step/textinfo (the UI's own progress bar
+    and /sdapi/v1/progress), a record of the curves, and interruption (Interrupt / /sdapi/v1/interrupt)."""
+
+    def __init__(self, state, prepare: int, steps: int) -> None:
+        self.state, self.prepare, self.total = state, prepare, prepare + steps
+        self.history: list[dict] = []
+        state.job = "TRuST unlearning"
+        state.job_count = 1
+        state.job_no = 0
+        state.sampling_steps = self.total
+        state.sampling_step = 0
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if self.state.interrupted or getattr(self.state, "stopping_generation", False):
+            raise Interrupted("interrupted: nothing was saved and the model is unchanged")
+        done = min(event.step, self.prepare) if event.stage == "prepare" else self.prepare + event.step
+        self.state.sampling_step = done
+        self.state.textinfo = f"TRuST {event.stage} {event.step}/{event.total}: {event.message}".strip()
+        if event.stage != "prepare" and event.metrics:
+            self.history.append({"step": event.step, **event.metrics})

@@ -1,0 +1,22 @@
+// TRuST tab: progress through the web UI's own progress API (like textual inversion training) and "send to txt2img".
+
+function trust_start() {
+    gradioApp().querySelector('#trust_error').innerHTML = '';
+    var id = randomId();
+    requestProgress(id, gradioApp().getElementById('trust_output'), null, function() {}, function(progress) {
+        gradioApp().getElementById('trust_progress').innerHTML = progress.textinfo || '';
+    });
+    var res = Array.from(arguments);
+    res[0] = id;
+    return res;
+}
+
+function trust_send_to_txt2img(tag) {
+    var prompt = gradioApp().querySelector('#txt2img_prompt textarea');
+    if (prompt && tag) {
+        prompt.value = prompt.value ? prompt.value + ' ' + tag : tag;
+        updateInput(prompt);
+        switch_to_txt2img();
+    }
+    return [];
+}

@@ -1,0 +1,235 @@
+"""Tier 1: the AUTOMATIC1111 adapter (a1111/) against a fake of the web UI modules it uses (tests/a1111_fake.py), on
+the testbed: parts equal to the diffusers path, the web UI's model bit-identical after success / interrupt / error,
+the Lora extension's in-place patches taken off first, attention optimisations undone and re-applied in pairs, files
+with kohya metadata in the Lora folder, and the refusals."""
+
+import importlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import a1111_fake
+import pytest
+import torch
+from conftest import digest
+from safetensors import safe_open
+
+ROOT = Path(__file__).resolve().parents[1]
+PACK = "trust_pack_a1111_under_test"
+
+
+@pytest.fixture(scope="module")
+def pack():
+    """The repository as a package (as scripts/trust_a1111.py imports it in the web UI)."""
+    spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACK] = module
+    spec.loader.exec_module(module)
+    module.a1111 = importlib.import_module(PACK + ".a1111")
+    module.host = importlib.import_module(PACK + ".a1111.host")
+    module.run = importlib.import_module(PACK + ".a1111.run")
+    module.job = importlib.import_module(PACK + ".trust_engine.job")
+    yield module
+    for key in [k for k in sys.modules if k == PACK or k.startswith(PACK + ".")]:
+        del sys.modules[key]
+
+
+@pytest.fixture()
+def web(pipe, tmp_path, pack, monkeypatch):
+    """Fresh fake web UI modules around the testbed; small self-generated data sets to keep tier 1 quick."""
+    original = pack.job.config_for
+
+    def small(loss, **overrides):
+        return original(loss, **{**overrides, "forget_images": 4, "preserve_images": 4, "gen_steps": 4})
+
+    monkeypatch.setattr(pack.job, "config_for", small)
+    modules = a1111_fake.make_modules(pipe, str(tmp_path / "Lora"))
+    with a1111_fake.networks_installed(modules):
+        yield modules
+
+
+def request(pack, **overrides):
+    values = dict(concepts="red circle", mode="individual", loss="CIP", steps=2, learning_rate=5e-3, resolution=64,
+                  training_images=4, seed=0)
+    values.update(overrides)
+    return pack.run.Request(**values)
+
+
+def unet_of(web):
+    return web.shared.sd_model.model.diffusion_model
+
+
+def files(web):
+    root = web.shared.cmd_opts.lora_dir
+    return sorted(str(p.relative_to(root)) for p in Path(root).rglob("*") if p.is_file())
+
+
+def test_parts_match_the_diffusers_path(pack, web, testbed):
+    pipe, reference, _ = testbed
+    with pack.host.a1111_parts(web.shared.sd_model, web, resolution=64) as parts:
+        prompts = ["a red circle", ""]
+        assert torch.equal(parts.encode_text(prompts), reference.encode_text(prompts))
+        assert [b.is_negative_prompt for b in web.shared.sd_model.calls] == [False, True]
+        assert torch.allclose(parts.alphas_cumprod.float(), reference.alphas_cumprod.float(), atol=1e-6)
+        assert parts.prediction_type == reference.prediction_type and parts.latent_shape == reference.latent_shape
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, *parts.latent_shape, generator=g)
+        t = torch.tensor([10, 500])
+        cond = parts.encode_text(prompts)
+        ours = parts.denoise(lambda *a, **k: parts.unet(*a, **k), x, t, cond)
+        theirs = reference.denoise(lambda *a, **k: reference.unet(*a, **k), x, t, cond)
+        assert torch.allclose(ours, theirs, atol=1e-6)
+        with torch.no_grad():
+            assert torch.allclose(parts.decode(x), reference.decode(x), atol=1e-5)
+        assert parts.unet is not unet_of(web)  # a private tree ...
+        p = dict(parts.unet.named_parameters())
+        for name, q in unet_of(web).named_parameters():  # ... over the host's own tensors (no copy)
+            assert p[name].data_ptr() == q.data_ptr() and not p[name].requires_grad
+
+
+def test_a_run_saves_a_lora_with_kohya_metadata_and_leaves_the_model_as_it_was(pack, web):
+    before = digest(web.shared.sd_model)
+    out = pack.run.unlearn(request(pack, file_name="no circles"), web)
+    assert digest(web.shared.sd_model) == before
+    assert web.sd_hijack.calls == ["undo", "apply"]
+    assert files(web) == ["TRuST/no circles.safetensors"]
+    assert out["tag"] == "<lora:no circles:1>" and out["name"] == "TRuST/no circles" and not out["reused"]
+    assert web.networks.listed == 1  # the Lora list is refreshed so the tag resolves at once
+    with safe_open(out["file"], framework="pt") as f:
+        meta = f.metadata()
+        keys = list(f.keys())
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_output_name"] == "no circles"
+    assert meta["ss_v2"] == "False" and meta["host"] == "AUTOMATIC1111"
+    assert all(k.startswith("lora_unet_") for k in keys)
+    assert "Saved no circles.safetensors" in out["report"] and "Q/K/V rows" in out["report"]
+    state = web.shared.state
+    assert state.job == "TRuST unlearning" and state.sampling_steps == 4 + 4 + 2
+    assert state.seen[-1][0] == state.sampling_steps  # the bar reaches the end
+    # same inputs again: the saved file is reused, nothing trained or written
+    web.sd_hijack.calls.clear()
+    again = pack.run.unlearn(request(pack, file_name="no circles"), web)
+    assert again["reused"] and again["file"] == out["file"] and files(web) == ["TRuST/no circles.safetensors"]
+    listed = pack.run.list_deltas(web.shared)
+    assert [d["name"] for d in listed] == ["no circles"] and json.loads(listed[0]["concepts"]) == ["red circle"]
+
+
+def test_interrupt_leaves_the_model_unchanged_and_writes_nothing(pack, web):
+    before = digest(web.shared.sd_model)
+    web.shared.state.interrupt_after = 6  # during the data generation (8 images)
+    with pytest.raises(pack.host.Interrupted):
+        pack.run.unlearn(request(pack), web)
+    assert digest(web.shared.sd_model) == before and files(web) == []
+    assert web.sd_hijack.calls == ["undo", "apply"]
+
+
+def test_interrupt_during_training_too(pack, web):
+    before = digest(web.shared.sd_model)
+    web.shared.state.interrupt_after = 9  # 8 images generated, one training step done
+    with pytest.raises(pack.host.Interrupted):
+        pack.run.unlearn(request(pack, steps=3), web)
+    assert digest(web.shared.sd_model) == before and files(web) == []
+    assert web.sd_hijack.calls == ["undo", "apply"]
+
+
+def test_an_error_leaves_the_model_unchanged_and_optimisations_restored(pack, web, monkeypatch):
+    before = digest(web.shared.sd_model)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(pack.job, "unlearn", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        pack.run.unlearn(request(pack), web)
+    assert digest(web.shared.sd_model) == before and files(web) == []
+    assert web.sd_hijack.calls == ["undo", "apply"]
+
+
+def test_optimisations_stay_when_the_user_trains_with_them(pack, web):
+    web.shared.opts.training_xattention_optimizations = True
+    with pack.host.attention_for_training(web.sd_hijack, web.shared.opts) as undone:
+        assert not undone
+    assert web.sd_hijack.calls == []
+
+
+def test_lora_patches_are_taken_off_before_training_and_the_file_fits_the_clean_base(pack, web):
+    unet = unet_of(web)
+    site = next(n for n, _ in unet.named_modules() if n.endswith("attn2.to_k"))
+    module = unet.get_submodule(site)
+    clean = module.weight.detach().clone()
+    clean_fp = pack.job.fingerprint({k: v.clone() for k, v in pack.host.effective_site_weights(
+        web.shared.sd_model).items()})
+    web.networks.patch_in_place(module, "lora_unet_x", torch.full_like(clean, 0.5))
+    assert not torch.equal(module.weight, clean)
+    # what the adapter reads as the base is the checkpoint's weight even while the patch is written in
+    assert pack.job.fingerprint(pack.host.effective_site_weights(web.shared.sd_model)) == clean_fp
+    out = pack.run.unlearn(request(pack), web)
+    assert torch.equal(module.weight, clean)  # restored from the extension's backup ...
+    assert module.network_current_names == ()  # ... and marked so the extension re-applies its Loras next time
+    assert module.network_layer_name == "lora_unet_x"  # the host layer keeps its name
+    with safe_open(out["file"], framework="pt") as f:
+        assert f.metadata()["base_fingerprint"] == clean_fp
+
+
+def test_the_private_tree_never_carries_the_lora_extensions_state(pack, web):
+    unet = unet_of(web)
+    module = next(m for n, m in unet.named_modules() if n.endswith("attn2.to_q"))
+    web.networks.patch_in_place(module, "lora_unet_q", torch.zeros_like(module.weight))
+    private = pack.host.private_tree(unet)
+    assert not any(hasattr(m, a) for m in private.modules() for a in pack.host.NETWORK_ATTRS)
+    assert hasattr(module, "network_weights_backup")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda w: setattr(w.shared.cmd_opts, "lowvram", True), "lowvram"),
+    (lambda w: setattr(w.shared.cmd_opts, "medvram", True), "medvram"),
+    (lambda w: setattr(w.shared.sd_model, "forge_objects", object()), "Forge"),
+    (lambda w: setattr(w.shared.sd_model, "is_sd3", True), "Stable Diffusion 3"),
+    (lambda w: setattr(unet_of(w), "in_channels", 9), "inpainting"),
+    (lambda w: w.shared.__setattr__("sd_model", None), "no checkpoint"),
+    (lambda w: setattr(w.sd_unet, "current_unet", object()), "UNet replacement"),
+])
+def test_refusals_are_clear_and_change_nothing(pack, web, change, message):
+    change(web)
+    before = digest(web.shared.sd_model) if web.shared.sd_model is not None else None
+    with pytest.raises(pack.host.HostModelError, match=message):
+        pack.run.unlearn(request(pack), web)
+    assert files(web) == [] and web.sd_hijack.calls == []
+    if before is not None:
+        assert digest(web.shared.sd_model) == before
+
+
+def test_sdxl_refiner_is_refused(pack, web):
+    m = web.shared.sd_model
+    m.is_sd1, m.is_sdxl = False, True
+    unet_of(web).adm_in_channels = 2560
+    with pytest.raises(pack.host.HostModelError, match="refiner"):
+        pack.host.model_family(m)
+
+
+def test_v_prediction_and_the_original_schedule_are_used(pack, web):
+    m = web.shared.sd_model
+    m.parameterization = "v"
+    config = pack.host.scheduler_config(m)
+    assert config["prediction_type"] == "v_prediction"
+    from diffusers import DDPMScheduler
+
+    rebuilt = DDPMScheduler.from_config(config).alphas_cumprod
+    assert torch.allclose(rebuilt.float(), m.alphas_cumprod_original, atol=1e-6)  # not the downcast sampling copy
+
+
+def test_bad_inputs_are_refused_before_anything_runs(pack, web):
+    with pytest.raises(ValueError):
+        pack.run.unlearn(request(pack, steps=-1), web)
+    with pytest.raises(ValueError, match="empty"):
+        pack.run.unlearn(request(pack, concepts="  "), web)
+    web.shared.opts.trust_lora_subfolder = "../outside"
+    with pytest.raises(ValueError, match="Lora folder"):
+        pack.run.unlearn(request(pack), web)
+    assert files(web) == [] and web.sd_hijack.calls == []
+
+
+def test_kohya_metadata_per_family(pack):
+    assert pack.job.kohya_metadata("SDXL", "epsilon", "x", 1024)["ss_base_model_version"] == "sdxl_base_v1-0"
+    sd2 = pack.job.kohya_metadata("SD2.x", "v_prediction", "x", 768)
+    assert sd2["ss_v2"] == "True" and sd2["ss_v_parameterization"] == "True"

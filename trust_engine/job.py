@@ -1,0 +1,178 @@
+"""Job logic every host shares around one unlearning run: the settings from the node/tab inputs, the cache key, reuse
+of a saved delta with the same key, file naming (never overwriting), the kohya `ss_*` metadata LoRA browsers read,
+and the report. Hosts only turn their model into DiffusionParts, bridge progress/interruption and pick the folder.
+
+The cache key is computed exactly as the ComfyUI nodes have computed it, so a delta made by one host is reused by
+the other for the same inputs on the same base weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+import torch
+
+from . import __version__
+from .delta import Delta, fingerprint
+from .parts import DiffusionParts
+from .saliency import SaliencyConfig
+from .sketch import SKETCH_KEY, sketch
+from .unet_view import find_sites
+from .unlearn import UnlearnConfig, config_for, unlearn
+
+NATIVE_RESOLUTION = {"SD1.x": 512, "SD2.x": 768, "SDXL": 1024}
+# kohya's ss_base_model_version values, which AUTOMATIC1111's Lora tab filters on (sd_v1 / sd_v2 / sdxl_base_v1-0)
+KOHYA_VERSION = {"SD1.x": "sd_v1", "SD2.x": "sd_v2", "SDXL": "sdxl_base_v1-0"}
+
+
+def default_cfg(family: str) -> float:
+    return 5.0 if family == "SDXL" else 7.5
+
+
+def build_config(loss: str, steps: int, learning_rate: float, relative_lr: float, beta: float, xi: float,
+                 mask_refresh: int, seed: int, training_images: int) -> UnlearnConfig:
+    """The engine config from the inputs TRUST Unlearn (and the AUTOMATIC1111 tab) show."""
+    overrides = {"steps": steps, "lr": learning_rate or None, "relative_lr": relative_lr, "seed": seed,
+                 "mask_every": mask_refresh, "static_mask": mask_refresh == 0, "forget_images": training_images,
+                 "preserve_images": 2 * training_images}
+    if beta > 0:
+        overrides["beta"] = beta
+    config = config_for(loss.lower(), **overrides)
+    config.saliency = SaliencyConfig(xi=xi)
+    return config
+
+
+def aligner_id(aligner) -> str:
+    if aligner is None:
+        return ""
+    return getattr(aligner.model.config, "_name_or_path", "") or type(aligner.model).__name__
+
+
+def mask_digest(mask: dict[str, torch.Tensor] | None) -> str:
+    if mask is None:
+        return ""
+    bits = torch.cat([m.flatten() for _, m in sorted(mask.items())]).to(torch.uint8)
+    return hashlib.sha256(bits.numpy().tobytes()).hexdigest()
+
+
+def cache_key(expanded, config: UnlearnConfig, resolution: int, aligner_name: str, neurons: str, base_fp: str) -> str:
+    blob = json.dumps({
+        "concepts": [(e.text, e.mode, e.forget, e.preserve, e.anchor) for e in expanded],
+        "config": json.loads(config.to_json()), "resolution": resolution, "aligner": aligner_name,
+        "neurons": neurons, "base": base_fp, "engine": __version__,
+    }, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def find_cached(folder: str, key: str) -> str | None:
+    """A .safetensors file in `folder` (subfolders included) whose metadata holds this cache key."""
+    from safetensors import safe_open
+
+    if not os.path.isdir(folder):
+        return None
+    for root, _, names in sorted(os.walk(folder)):
+        for name in sorted(names):
+            if not name.endswith(".safetensors"):
+                continue
+            path = os.path.join(root, name)
+            try:
+                with safe_open(path, framework="pt") as f:
+                    if (f.metadata() or {}).get("cache_key") == key:
+                        return path
+            except Exception:  # not ours or unreadable: simply not a cache hit
+                continue
+    return None
+
+
+def slug(text: str) -> str:
+    return "trust_" + (re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:48] or "concept")
+
+
+def free_path(folder: str, name: str) -> str:
+    """folder/name.safetensors, or name_2, name_3, ... : an existing file is never overwritten."""
+    name = os.path.basename(name.strip()).removesuffix(".safetensors") or "trust_delta"
+    path = os.path.join(folder, name + ".safetensors")
+    number = 1
+    while os.path.exists(path):
+        number += 1
+        path = os.path.join(folder, f"{name}_{number}.safetensors")
+    return path
+
+
+def kohya_metadata(family: str, prediction_type: str, output_name: str, resolution: int) -> dict[str, str]:
+    """The kohya ss_* keys AUTOMATIC1111's Lora tab reads (version filter, alias, SD2 v-prediction)."""
+    return {"ss_base_model_version": KOHYA_VERSION[family], "ss_v2": str(family == "SD2.x"),
+            "ss_output_name": output_name, "ss_network_module": "networks.lora",
+            "ss_resolution": f"({resolution}, {resolution})", "ss_v_parameterization":
+            str(prediction_type == "v_prediction"), "ss_training_comment": "TRuST concept erasure delta"}
+
+
+def save(delta: Delta, folder: str, name: str, extra_metadata: dict[str, str] | None = None) -> str:
+    os.makedirs(folder, exist_ok=True)
+    path = free_path(folder, name)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    metadata = {k: (stem if k == "ss_output_name" else v) for k, v in (extra_metadata or {}).items()}
+    dataclasses.replace(delta, metadata={**delta.metadata, **metadata}).save(path)
+    return path
+
+
+def share_line(delta: Delta, unet) -> str:
+    sites = find_sites(unet)
+    rows = sum(s.out_features for s in sites)
+    changed = sum(d.rank for d in delta.sites.values())
+    weights = sum(s.out_features * s.in_features for s in sites)
+    changed_w = sum(d.rank * d.in_features for d in delta.sites.values())
+    return (f"changed {changed} of {rows} Q/K/V rows ({100 * changed_w / max(1, weights):.2f}% of the cross-attention "
+            f"Q/K/V weights) in {len(delta.sites)} of {len(sites)} layers")
+
+
+def saliency_line(result) -> str:
+    mode = result.last_saliency.mode if result.last_saliency else "initial mask only"
+    return "saliency: " + ("CLIP score" if mode == "clip" else
+                           "noise contrast (choose an aligner for CLIP-score saliency)" if mode == "noise" else mode)
+
+
+@dataclasses.dataclass
+class JobOutcome:
+    delta: Delta
+    path: str
+    history: list[dict]
+    report: str
+    reused: bool
+
+
+def run_unlearn(*, expanded, config: UnlearnConfig, base_weights: dict[str, torch.Tensor], folder: str,
+                file_name: str, open_parts: Callable[[], AbstractContextManager[DiffusionParts]], progress,
+                host: str, family: str, resolution: int, aligner=None, initial_mask=None,
+                file_metadata: dict[str, str] | None = None, folder_label: str = "") -> JobOutcome:
+    """Reuse the saved delta for these inputs, or train one (through `open_parts`) and save it. Nothing is written
+    when training raises (an interruption included). `base_weights`: the site weights the host samples with."""
+    base_fp = fingerprint(base_weights)
+    key = cache_key(expanded, config, resolution, aligner_id(aligner), mask_digest(initial_mask), base_fp)
+    lines = [e.explain() for e in expanded]
+    where = folder_label or folder
+    found = find_cached(folder, key)
+    if found:
+        delta = Delta.load(found)
+        history = json.loads(delta.metadata.get("history", "[]"))
+        lines.insert(0, f"Reused {os.path.basename(found)}: same inputs on the same base model, so nothing was "
+                        f"retrained. Delete the file ({where}) to train again.")
+        return JobOutcome(delta, found, history, "\n".join(lines), True)
+    with open_parts() as parts:
+        result = unlearn(parts, expanded, config, aligner, progress,
+                         {"mode": expanded[0].mode, "model": parts.name, "cache_key": key, "host": host,
+                          SKETCH_KEY: sketch(base_weights)},
+                         default_cfg=default_cfg(family), initial_mask=initial_mask)
+        share = share_line(result.delta, parts.unet)
+    delta = dataclasses.replace(result.delta, metadata={**result.delta.metadata,
+                                                        "history": json.dumps(result.history)})
+    path = save(delta, folder, file_name or slug(expanded[0].text), file_metadata)
+    lines.insert(0, f"Saved {os.path.basename(path)} in {where}.")
+    lines += [result.report(), saliency_line(result), share]
+    return JobOutcome(delta, path, result.history, "\n".join(lines), False)
