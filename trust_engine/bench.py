@@ -287,7 +287,7 @@ class RssWatch:
                 f.write("5")  # VmHWM := VmRSS
         except OSError:
             pass
-        before = _proc_status("VmRSS")
+        before = self.before = _proc_status("VmRSS")
         self._thread.start()
         return before
 
@@ -308,7 +308,9 @@ class RssWatch:
             else:  # an instance attribute over a method: drop it
                 delattr(owner, name)
         self._wrapped.clear()
-        return _proc_status("VmHWM"), dict(self.peaks)
+        # the kernel updates VmHWM lazily: RSS handed back by madvise (malloc_trim) can leave it below a level the
+        # process held, so the peak is at least the highest sampled RSS and the RSS at the start
+        return max(_proc_status("VmHWM"), self.before, *self.peaks.values()), dict(self.peaks)
 
     def phase(self, label: str):
         watch = self

@@ -43,6 +43,9 @@ PRESETS["uce"]["testbed"] = {"erase_scale": 30.0}
 # 1000 Adam steps at 1e-5 over 50-step trajectories barely move the testbed's small attn2; measured on "triangle",
 # one judge seed: 100 steps at 1e-4 over 20-step trajectories, forget 1.00 -> 0.20 (60 steps: 0.80)
 PRESETS["esd"]["testbed"] = {"iterations": 100, "lr": 1e-4, "ddim_steps": 20}
+# SalUn: 32 + 64 self-generated images, 5 epochs; lr 1e-4 leaves 0.90, 3e-4 erases (0.20) at a 26-point preserve
+# cost, 1e-3 erases at 71 points: no config tried erases and preserves
+PRESETS["salun"]["testbed"] = {"forget_images": 32, "preserve_images": 64, "gen_steps": 20, "epochs": 5, "lr": 3e-4}
 
 
 class UnknownMethodError(ValueError):
