@@ -150,7 +150,7 @@ def test_out_of_memory_becomes_an_instruction(pack, host, monkeypatch):
     def boom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(pack.nodes.trust_nodes, "unlearn", boom)
+    monkeypatch.setattr(pack.nodes.trust_nodes.methods, "run", boom)
     with pytest.raises(RuntimeError, match="out of GPU memory.*lower 'resolution'.*unchanged"):
         node(pack, "TrustUnlearn").unlearn(model, clip, vae, "a circle", **fast(file_name="oom"))
 
