@@ -83,7 +83,8 @@ def test_method_options_are_checked_before_any_work(tmp_path):
     for extra, message in cases:
         out = tmp_path / "never.safetensors"
         result = subprocess.run([sys.executable, "-m", "trust_engine", "unlearn", "--concept", "triangle",
-                                 "--out", str(out), *extra], cwd=ROOT, capture_output=True, text=True)
+                                 "--out", str(out), *extra], cwd=ROOT, capture_output=True, text=True,
+                                timeout=120)  # an unchecked option would start a real run
         assert result.returncode == 2 and message in result.stderr, (extra, result.stderr[-500:])
         assert not out.exists()
 
