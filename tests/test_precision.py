@@ -186,3 +186,33 @@ def test_fp8_weights_are_refused_before_any_work(testbed, dtype):
     fp8 = dataclasses.replace(parts, unet=unet)
     with pytest.raises(ValueError, match="fp8"):
         unlearn.unlearn(fp8, concepts.expand("triangle"), unlearn.config_for("cip", **TINY), aligner)
+
+
+def test_bfloat16_saliency_decode_runs_in_bfloat16_and_keeps_the_mask(testbed):
+    """decode_precision="bfloat16" on a float32 model: the differentiable decode and CLIP score run under bfloat16
+    autocast (their activations take half the memory), the sampling and the UNet backward stay float32, and the
+    concept neurons are (nearly) those of the float32 path."""
+    _, parts, aligner = testbed
+    seen = []
+    original = aligner.score
+
+    def score(images, prompts):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return original(images, prompts)
+
+    masks = {}
+    deltas = SiteDeltas(parts.unet, find_sites(parts.unet))
+    try:
+        aligner.score = score
+        for precision in ("host", "bfloat16"):
+            result = estimate(parts, deltas, ["a triangle"], SaliencyConfig(steps=6, images=2,
+                              decode_precision=precision), aligner, generator=torch.Generator().manual_seed(0), cfg=3.0)
+            masks[precision] = torch.cat([result.mask[n] for n in sorted(result.mask)])
+    finally:
+        del aligner.score
+    assert seen == [False, False, True, True]
+    inter = (masks["host"] & masks["bfloat16"]).sum().item()
+    union = (masks["host"] | masks["bfloat16"]).sum().item()
+    assert union > 0 and inter / union >= 0.9, (inter, union)
+    with pytest.raises(ValueError, match="decode_precision must be one of"):
+        estimate(parts, deltas, ["a triangle"], SaliencyConfig(decode_precision="float8"), aligner)

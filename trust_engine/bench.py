@@ -41,6 +41,9 @@ ARCHS = {
     ),
 }
 METHODS = ("full_ft", "esd", "trust_cip", "trust_csr")
+# TRuST with its differentiable decode + CLIP score under bfloat16 autocast on a float32 host (saliency
+# decode_precision="bfloat16"); not in the default set
+VARIANTS = ("trust_cip_bf16decode", "trust_csr_bf16decode")
 
 
 def _models(arch: str, device, dtype, aligner: bool = True):
@@ -196,8 +199,10 @@ def make_step(arch: str, method: str, device, dtype, saliency_steps: int = 10, e
         return step, sum(p.numel() for p in params)
 
     parts, aligner = _engine_parts(arch, unet, vae, clip, image_size, device, dtype, latent)
-    loss = "csr" if method == "trust_csr" else "cip"
-    config = config_for(loss, batch=batch, early_stop=None, saliency=SaliencyConfig(steps=saliency_steps))
+    loss = "csr" if method.startswith("trust_csr") else "cip"
+    precision = "bfloat16" if method.endswith("_bf16decode") else "host"
+    config = config_for(loss, batch=batch, early_stop=None,
+                        saliency=SaliencyConfig(steps=saliency_steps, decode_precision=precision))
     merged = concepts.merge([concepts.expand("a cat", "individual", preserve=["a dog"])])
     run = TrustRun(parts, merged, config, aligner, cfg=7.5)
     g = torch.Generator().manual_seed(2)

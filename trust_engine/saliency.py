@@ -27,6 +27,10 @@ class SaliencyConfig:
     mode: str = dataclasses.field(default="auto", metadata={
         "help": "clip: gradient of the aligner's CLIP score; noise: gradient of ||eps(x_t,c) - eps(x_t,anchor)||^2 "
                 "(for hosts without an aligner); auto: clip when an aligner is given"})
+    decode_precision: str = dataclasses.field(default="host", metadata={
+        "help": "precision of the differentiable decode and CLIP score (clip mode): host = the model's dtype; "
+                "bfloat16 = under bfloat16 autocast on a float32 host, which halves that path's activations (the "
+                "largest part of a step's memory above the frozen weights); the gradient only ranks rows"})
 
 
 @dataclasses.dataclass
@@ -99,6 +103,9 @@ def estimate(parts: DiffusionParts, deltas: SiteDeltas, prompts: list[str], conf
     mode = config.mode if config.mode != "auto" else ("clip" if aligner is not None else "noise")
     if mode == "clip" and aligner is None:
         raise ValueError("CLIP-score saliency needs an aligner (a CLIP with both towers); use mode 'noise' without one")
+    if config.decode_precision not in DECODE_PRECISIONS:
+        raise ValueError(f"decode_precision must be one of {', '.join(DECODE_PRECISIONS)}, "
+                         f"got {config.decode_precision!r}")
     cfg = config.cfg if config.cfg is not None else cfg
     gen = generator or torch.Generator().manual_seed(0)
     rng = random.Random(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
@@ -123,7 +130,8 @@ def estimate(parts: DiffusionParts, deltas: SiteDeltas, prompts: list[str], conf
     for _ in range(40):
         with deltas.probing() as probes:
             objective, images = _backward_per_image(parts, deltas, latents, t, cond, uncond, anchor_cond, chosen,
-                                                    aligner, cfg, mode, scale, list(probes.values()))
+                                                    aligner, cfg, mode, scale, list(probes.values()),
+                                                    config.decode_precision)
             grads = {name: p.grad for name, p in probes.items()}
         if all(g is None or torch.isfinite(g).all() for g in grads.values()) or scale <= 1.0:
             break
@@ -139,7 +147,21 @@ def estimate(parts: DiffusionParts, deltas: SiteDeltas, prompts: list[str], conf
     return SaliencyResult(scores, z, mask, {s.name: s.kind for s in deltas.sites}, objective, mode, images)
 
 
-def _backward_per_image(parts, deltas, latents, t, cond, uncond, anchor_cond, chosen, aligner, cfg, mode, scale, probes):
+DECODE_PRECISIONS = ("host", "bfloat16")
+
+
+def _decode_autocast(parts: DiffusionParts, precision: str):
+    """The autocast context of the differentiable decode + CLIP score: bfloat16 only on a float32 host (a half
+    precision host already runs that path in its own dtype)."""
+    import contextlib
+
+    if precision == "bfloat16" and parts.dtype == torch.float32:
+        return torch.autocast(torch.device(parts.device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _backward_per_image(parts, deltas, latents, t, cond, uncond, anchor_cond, chosen, aligner, cfg, mode, scale, probes,
+                        decode_precision: str = "host"):
     """Accumulate d(objective * scale)/d(probes) image by image; returns (objective, decoded x0 images or None)."""
     n = latents.shape[0]
     tt = torch.full((1,), int(t), device=latents.device, dtype=torch.long)
@@ -151,10 +173,11 @@ def _backward_per_image(parts, deltas, latents, t, cond, uncond, anchor_cond, ch
                 out = guided_output(parts, deltas.call, x, t, cond[i:i + 1], uncond[i:i + 1], cfg)
             out = out.requires_grad_(True)
             x0 = parts.x0_from_output(out, x.float(), tt)
-            image = parts.decode(x0)
-            objective = aligner.score(image, [chosen[i]]).sum() / n
+            with _decode_autocast(parts, decode_precision):
+                image = parts.decode(x0)
+                objective = aligner.score(image, [chosen[i]]).float().sum() / n
             (d_out,) = torch.autograd.grad(objective * scale, out)
-            images.append(image.detach())
+            images.append(image.detach().float())
             del image, x0
             if latents.device.type == "cpu":
                 release_free_memory()
