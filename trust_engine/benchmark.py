@@ -213,8 +213,9 @@ class Judged:
     """Judged images of one model state, generated on demand and kept: per named stream, the judge's verdict
     (does the image show what is asked) and its feature vector, image i of a stream always from noise seed + i."""
 
-    def __init__(self, pipe, judge, config: BenchConfig, noise_seed: int, store: dict | None = None):
-        self.pipe, self.judge, self.config, self.seed = pipe, judge, config, noise_seed
+    def __init__(self, pipe, judge, config: BenchConfig, noise_seed: int, store: dict | None = None,
+                 label: str = "erased"):
+        self.pipe, self.judge, self.config, self.seed, self.label = pipe, judge, config, noise_seed, label
         self.store = store if store is not None else {}
 
     def stream(self, name: str, prompts: list[str], n: int, offset: int, concept: str | None = None
@@ -229,7 +230,7 @@ class Judged:
             start = len(have["ok"])
             chosen = [prompts[i % len(prompts)] for i in range(start, n)]
             images = check.generate(self.pipe, chosen, seed=self.seed + offset + start, steps=self.config.eval_steps,
-                                    cfg=self.config.eval_cfg)
+                                    cfg=self.config.eval_cfg, progress=self._progress(name, start, n))
             seen = self.judge.read(images)
             if concept is not None:
                 query = world.parse(concept)
@@ -241,6 +242,18 @@ class Judged:
             have["ok"] = have["ok"] + ok
             have["feat"] = torch.cat([have["feat"], feat.float()])
         return have["ok"][:n], have["feat"][:n]
+
+    def _progress(self, name: str, start: int, n: int) -> Callable[[int, int], None]:
+        """A progress line on stderr while images are generated (`label` tells base from erased)."""
+        began = time.time()
+
+        def report(done: int, _total: int) -> None:
+            sys.stderr.write(f"\r  {self.label} {name}: {start + done}/{n} images {time.time() - began:.0f}s")
+            if start + done >= n:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+        return report
 
     def save(self, path: Path) -> None:
         from safetensors.torch import save_file
@@ -412,9 +425,12 @@ def _delta_figures(delta, unet, path: Path) -> dict:
 
 def attacks_module():
     """trust_engine.attacks if this install has it, else None (the bench then leaves the ASR columns empty)."""
+    name = f"{__package__}.attacks"
     try:
-        return importlib.import_module(f"{__package__}.attacks")
-    except ImportError:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as error:
+        if error.name != name:  # the module is there but something it needs is not: say so
+            raise
         return None
 
 
@@ -455,7 +471,8 @@ class Arena:
         key = (task, seed)
         if key not in self.baselines:
             path = self.out / "cache" / f"base_{task}_seed{seed}.safetensors"
-            self.baselines[key] = Judged(self.base_pipe, self.judge, self.config, noise_seed(seed), Judged.load(path))
+            self.baselines[key] = Judged(self.base_pipe, self.judge, self.config, noise_seed(seed), Judged.load(path),
+                                         label="base")
         return self.baselines[key]
 
     def save_baseline(self, task: str, seed: int) -> None:
