@@ -38,7 +38,7 @@ def assert_bit_identical(a: dict, b: dict) -> None:
     assert not differing, f"{len(differing)} tensors differ, e.g. {differing[0]}"
 
 
-@pytest.mark.parametrize("method", ["trust", "esd"])
+@pytest.mark.parametrize("method", [pytest.param("trust", marks=pytest.mark.slow), "esd"])
 def test_two_runs_with_the_same_seed_give_a_bit_identical_delta(method, testbed):
     first, second = short_run(method, testbed), short_run(method, testbed)
     assert first  # the run changed something
