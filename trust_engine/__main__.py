@@ -1,6 +1,6 @@
 """Command line: `python -m trust_engine <command>`; the bundled testbed is the default model everywhere.
-Commands: demo (the main job), unlearn (any method), methods, evaluate, export, saliency, figures, bench-scale,
-testbed-check.
+Commands: demo (the main job), unlearn (any method), methods, evaluate, export, saliency, figures, bench,
+bench-scale, testbed-check.
 """
 
 from __future__ import annotations
@@ -548,6 +548,44 @@ def cmd_bench_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """The method arena on the testbed (trust_engine.benchmark): methods x tasks x seeds, resumed from --out."""
+    import torch
+
+    from . import benchmark
+
+    if args.seeds is not None and args.seeds < 1:
+        raise ValueError(f"--seeds must be 1 or more, got {args.seeds}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: give a folder")
+    parent = out.absolute()
+    while not parent.exists():  # the folder (and missing parents) will be created: the first existing one decides
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ValueError(f"--out {out}: {parent} is not a writable folder")
+    config = benchmark.quick_config() if args.quick else benchmark.BenchConfig()
+    if args.methods:
+        config.methods = tuple(args.methods)
+    if args.tasks:
+        config.tasks = tuple(args.tasks)
+    if args.seeds is not None:
+        config.seeds = args.seeds
+    if args.attacks is not None:
+        config.attacks = () if args.attacks == ["none"] else tuple(args.attacks)
+    config.flops = args.flops if args.flops is not None else config.flops
+    if not config.pairs():
+        raise ValueError("no (method, task) cell left: --quick runs only " + benchmark.describe_quick())
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.time()
+    results = benchmark.run(config, out, say=benchmark.main_progress)
+    print((out / "bench.md").read_text())
+    print(f"bench: {len(results['cells'])} cells in {out}/bench.json; this sitting {time.time() - start:.0f} s; "
+          f"table {out}/bench.md, plot {out}/bench.png")
+    return 0
+
+
 def cmd_scale_check(args: argparse.Namespace) -> int:
     """Does a default run move rows by about as much on SD-shaped models as on the testbed? A few engine steps per
     model (random-init SD shapes, the bundled testbed's own weights), with the relative learning rate and with the
@@ -737,6 +775,23 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("methods", help="the erasers, what each changes, their presets and settings")
     p.add_argument("name", nargs="?", choices=METHOD_NAMES, help="one method (default: all)")
     p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("bench", help="every method x task (individual, combination, conditional, three at once, "
+                                     "five in sequence) x seeds on the testbed: bench.md/.json/.png in --out, resumable")
+    p.add_argument("--quick", action="store_true", help="a named subset of methods x tasks, 1 seed, quick attack "
+                                                        "budget, smaller image caps (README: Bench)")
+    p.add_argument("--methods", nargs="+", choices=METHOD_NAMES, help="(default all)")
+    p.add_argument("--tasks", nargs="+", choices=("individual", "combination", "conditional", "three", "sequence"),
+                   help="(default all)")
+    p.add_argument("--seeds", type=int, help="seeds per cell, each a training seed and its evaluation noise "
+                                             "(default 3; --quick 1)")
+    p.add_argument("--attacks", nargs="+", help="attack names of trust_engine.attacks (default all; 'none' = skip)")
+    p.add_argument("--no-flops", dest="flops", action="store_false", default=None,
+                   help="skip the FLOP-counting second training run (default: counted, except under --quick)")
+    p.add_argument("--out", default="out/bench", help="folder of bench.json (resumed), bench.md, bench.png, deltas "
+                                                      "(default out/bench)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("bench-scale", help="FLOPs/memory/time of one TRuST step vs full fine-tuning and ESD on SD-sized UNets")
     p.add_argument("--arch", nargs="+", choices=("sd15", "sdxl", "tiny"), default=["sd15", "sdxl"], help="UNet shapes (default sd15 sdxl)")

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..delta import Delta
 from ..progress import ProgressCallback, null_progress
+from ..reproducible import deterministic
 from . import conceptprune, esd, fia, salun, trust, uce
 
 METHODS: dict[str, tuple[type, Callable]] = {
@@ -132,16 +133,18 @@ def describe(method: str) -> str:
 
 
 def run(method: str, parts, concepts, config: Any, progress: ProgressCallback = null_progress,
-        **context: Any) -> Delta:
+        deterministic_algorithms: bool = True, **context: Any) -> Delta:
     """Run one method. `context` may carry what some methods use (TRuST: aligner, default_cfg, initial_mask,
     metadata); each method receives only the keys its run function takes. Extra `metadata` entries are added to
-    the delta of every method."""
+    the delta of every method. The run uses torch's deterministic algorithms unless `deterministic_algorithms` is
+    False (its cost: README "Reproducible runs")."""
     if method not in METHODS:
         raise UnknownMethodError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
     fn = METHODS[method][1]
     accepted = inspect.signature(fn).parameters
     extra = dict(context.get("metadata") or {})
-    delta = fn(parts, concepts, config, progress, **{k: v for k, v in context.items() if k in accepted})
+    with deterministic(deterministic_algorithms):  # bit-identical reruns on the CPU (trust_engine.reproducible)
+        delta = fn(parts, concepts, config, progress, **{k: v for k, v in context.items() if k in accepted})
     if extra:
         delta = Delta(delta.sites, {**delta.metadata, **extra}, delta.base_fingerprint, delta.params)
     return delta
