@@ -19,7 +19,7 @@ def small_data_sets(pack, monkeypatch):
     def small(loss, **overrides):
         return original(loss, **{"forget_images": 8, "preserve_images": 8, "gen_steps": 6, **overrides})
 
-    monkeypatch.setattr(pack.nodes.trust_nodes, "config_for", small)
+    monkeypatch.setattr(pack.trust_engine.job, "config_for", small)  # what TRUST Unlearn builds its config with
 
 
 def fast(**overrides):
