@@ -5,17 +5,15 @@ before/after grid. Thin: they translate host objects to engine calls (trust_engi
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
-import re
 
 import numpy as np
 import torch
 
-from ..trust_engine import __version__, methods, ranges
 from ..trust_engine import concepts as concept_specs
+from ..trust_engine import job, methods, ranges
 from ..trust_engine.delta import BaseMismatchError, Delta, DeltaFileError, fingerprint
 from ..trust_engine.functional import SiteDeltas
 from ..trust_engine.parts import Aligner
@@ -24,7 +22,6 @@ from ..trust_engine.saliency import SaliencyConfig, SaliencyResult, estimate
 from ..trust_engine.sketch import BITS as SKETCH_BITS
 from ..trust_engine.sketch import CLOSE, SKETCH_KEY, agreement, sketch
 from ..trust_engine.unet_view import find_sites
-from ..trust_engine.unlearn import config_for
 from . import host
 
 CATEGORY = "unlearning/TRuST"
@@ -81,10 +78,6 @@ def _ranged(kind: str, name: str, default, tooltip: str, **extra) -> tuple:
 def _fingerprint_of(model) -> str:
     """Fingerprint of the MODEL as it samples (its patches applied), from its Q/K/V weights where they are."""
     return fingerprint(host.effective_site_weights(model))
-
-
-def _cfg(family: str) -> float:
-    return 5.0 if family == "SDXL" else 7.5
 
 
 def _run(what: str, resolution: int, fn):
@@ -235,7 +228,7 @@ class TrustConceptSaliency:
                 with torch.inference_mode(False), torch.enable_grad():
                     deltas = SiteDeltas(parts.unet, find_sites(parts.unet))
                     result = estimate(parts, deltas, list(expanded.forget), config, aligner, anchor or "",
-                                      torch.Generator().manual_seed(saliency_seed), _cfg(family), progress)
+                                      torch.Generator().manual_seed(saliency_seed), job.default_cfg(family), progress)
                 return ConceptNeurons(concept, _detach(result), fingerprint(deltas.base))
 
         neurons = _run("measuring saliency", resolution, work)
@@ -362,13 +355,8 @@ class TrustUnlearn:
                         lambda: concept_specs.expand_all(concepts, mode, preserve=preserve))
         family = _run("checking the model", resolution, lambda: host.model_family(model))
         if method == "trust":
-            overrides = {"steps": steps, "lr": learning_rate or None, "relative_lr": relative_lr,
-                         "seed": training_seed, "mask_every": mask_refresh, "static_mask": mask_refresh == 0,
-                         "forget_images": training_images, "preserve_images": 2 * training_images}
-            if beta > 0:
-                overrides["beta"] = beta
-            config = config_for(loss.lower(), **overrides)
-            config.saliency = SaliencyConfig(xi=xi)
+            config = job.build_config(loss, steps, learning_rate, relative_lr, beta, xi, mask_refresh, training_seed,
+                                      training_images)
         else:
             settings = methods.parse_options(method, method_settings)
             if any(f.name == "seed" for f in dataclasses.fields(methods.METHODS[method][0])):
@@ -381,9 +369,11 @@ class TrustUnlearn:
                              "Concept Saliency and TRUST Unlearn")
         if method != "trust":
             concept_neurons = aligner = None  # TRuST's inputs: the other methods do not read them
-        key = _cache_key(expanded, config, resolution, aligner, concept_neurons, base_fp, method)
+        key = job.cache_key(expanded, config, resolution, job.aligner_id(aligner),
+                            job.mask_digest(concept_neurons.result.mask if concept_neurons is not None else None),
+                            base_fp, method)
         folder = host.delta_dir()
-        found = _find_cached(folder, key)
+        found = job.find_cached(folder, key)
         lines = [e.explain() for e in expanded]
         if found:
             delta = Delta.load(found)
@@ -401,95 +391,26 @@ class TrustUnlearn:
                         host.aligner_on_device(aligner):
                     initial = concept_neurons.result.mask if concept_neurons is not None else None
                     return methods.run(method, parts, expanded, config, progress, aligner=aligner,
-                                       default_cfg=_cfg(family), initial_mask=initial,
+                                       default_cfg=job.default_cfg(family), initial_mask=initial,
                                        metadata={"mode": mode, "model": parts.name, "cache_key": key,
                                                  "host": "ComfyUI", SKETCH_KEY: sketch(base)})
 
             delta = _run("unlearning", resolution, work)
-            path = _save(delta, folder, file_name or _slug(expanded[0].text, method))
+            path = job.save(delta, folder, file_name or job.slug(expanded[0].text, method))
             lines.insert(0, f"Saved {os.path.basename(path)} in models/{host.DELTA_FOLDER}/ (LoRA loaders list it).")
             lines.append(methods.report(delta))
             if method == "trust":
-                saliency = delta.metadata.get("saliency_mode", "")
-                lines.append("saliency: " + ("CLIP score" if saliency == "clip" else
-                                             "noise contrast (connect Load Concept Aligner for CLIP-score saliency)"
-                                             if saliency == "noise" else saliency))
+                lines.append(job.saliency_line(delta.metadata.get("saliency_mode", ""),
+                                               "connect Load Concept Aligner"))
             else:
                 lines.append(f"settings: {delta.metadata.get('config', '')}")
         history = json.loads(delta.metadata.get("history", "[]"))
-        lines.append(_share(delta, model))
+        lines.append(job.share_line(delta, model.model.diffusion_model))
         patched = _patched(model, delta, 1.0)
         report = "\n".join(lines)
         title = f"TRUST Unlearn ({loss if method == 'trust' else method})"
         curves = training_curves(history, f"{title}: {', '.join(e.text for e in expanded)}")
         return {"ui": {"text": [report]}, "result": (patched, UnlearnedDelta(delta, path), _image(curves), report)}
-
-
-def _cache_key(expanded, config, resolution, aligner, concept_neurons, base_fp, method: str = "trust") -> str:
-    aligner_id = ""
-    if aligner is not None:
-        aligner_id = getattr(aligner.model.config, "_name_or_path", "") or type(aligner.model).__name__
-    neurons = ""
-    if concept_neurons is not None:
-        bits = torch.cat([m.flatten() for _, m in sorted(concept_neurons.result.mask.items())]).to(torch.uint8)
-        neurons = hashlib.sha256(bits.numpy().tobytes()).hexdigest()
-    blob = json.dumps({
-        "concepts": [(e.text, e.mode, e.forget, e.preserve, e.anchor) for e in expanded],
-        "config": dataclasses.asdict(config), "resolution": resolution, "aligner": aligner_id,
-        "neurons": neurons, "base": base_fp, "engine": __version__, **({"method": method} if method != "trust" else {}),
-    }, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:32]
-
-
-def _find_cached(folder: str, key: str) -> str | None:
-    from safetensors import safe_open
-
-    if not os.path.isdir(folder):
-        return None
-    for name in sorted(os.listdir(folder)):
-        if not name.endswith(".safetensors"):
-            continue
-        path = os.path.join(folder, name)
-        try:
-            with safe_open(path, framework="pt") as f:
-                if (f.metadata() or {}).get("cache_key") == key:
-                    return path
-        except Exception:  # not ours or unreadable: simply not a cache hit
-            continue
-    return None
-
-
-def _slug(text: str, method: str = "trust") -> str:
-    prefix = "trust_" if method == "trust" else f"trust_{method}_"
-    return prefix + (re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:48] or "concept")
-
-
-def _save(delta: Delta, folder: str, name: str) -> str:
-    name = os.path.basename(name.strip()).removesuffix(".safetensors") or "trust_delta"
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, name + ".safetensors")
-    number = 1
-    while os.path.exists(path):  # never overwrite a file the user has
-        number += 1
-        path = os.path.join(folder, f"{name}_{number}.safetensors")
-    delta.save(path)
-    return path
-
-
-def _share(delta: Delta, model) -> str:
-    unet = model.model.diffusion_model
-    sites = find_sites(unet)
-    rows = sum(s.out_features for s in sites)
-    changed = sum(d.rank for d in delta.sites.values())
-    weights = sum(s.out_features * s.in_features for s in sites)
-    changed_w = sum(d.rank * d.in_features for d in delta.sites.values())
-    text = (f"changed {changed} of {rows} Q/K/V rows ({100 * changed_w / max(1, weights):.2f}% of the cross-attention "
-            f"Q/K/V weights) in {len(delta.sites)} of {len(sites)} layers")
-    if delta.params:
-        total = sum(p.numel() for p in unet.parameters())
-        dense = sum(int((d != 0).sum()) for d in delta.params.values())
-        text += f"; {dense:,} other weights ({100 * dense / max(1, total):.2f}% of the UNet) in {len(delta.params)} tensors"
-    return text
 
 
 def _patched(model, delta: Delta, strength: float):

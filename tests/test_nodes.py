@@ -19,7 +19,7 @@ def small_data_sets(pack, monkeypatch):
     def small(loss, **overrides):
         return original(loss, **{"forget_images": 8, "preserve_images": 8, "gen_steps": 6, **overrides})
 
-    monkeypatch.setattr(pack.nodes.trust_nodes, "config_for", small)
+    monkeypatch.setattr(pack.trust_engine.job, "config_for", small)  # what TRUST Unlearn builds its config with
 
 
 def fast(**overrides):
@@ -349,3 +349,16 @@ def test_another_method_runs_through_the_same_node_and_the_stock_lora_path(pack,
         node(pack, "TrustUnlearn").unlearn(model, clip, vae, "triangle", **fast(method="uce", method_settings="steps=3"))
     with pytest.raises(ValueError, match="method_settings is for the other methods"):
         node(pack, "TrustUnlearn").unlearn(model, clip, vae, "triangle", **fast(method="trust", method_settings="x=1"))
+
+
+def test_a_fine_tuning_method_reports_and_charts_its_steps(pack, host):
+    """method = salun: its run record (loss per step) is drawn on the node's chart like TRuST's; a record without
+    steps once raised KeyError in the node."""
+    model, clip, vae = host
+    _, delta, curves, report = node(pack, "TrustUnlearn").unlearn(
+        model, clip, vae, "triangle", **fast(method="salun", method_settings="forget_images=4, preserve_images=2, "
+                                             "gen_steps=2, batch=2, lr=1e-3"))["result"]
+    history = json.loads(delta.delta.metadata["history"])
+    assert [h["step"] for h in history] == [1, 2] and "salun:" in report
+    line = torch.tensor([90, 170, 255]) / 255.0  # the loss line's colour (trust_engine.render)
+    assert bool(((curves[0] - line).abs().max(dim=-1).values < 0.02).any()), "no loss line on the chart"

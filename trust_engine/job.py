@@ -2,8 +2,8 @@
 of a saved delta with the same key, file naming (never overwriting), the kohya `ss_*` metadata LoRA browsers read,
 and the report. Hosts only turn their model into DiffusionParts, bridge progress/interruption and pick the folder.
 
-The cache key is computed exactly as the ComfyUI nodes have computed it, so a delta made by one host is reused by
-the other for the same inputs on the same base weights.
+Both hosts compute the cache key here, so a delta made by one host is reused by the other for the same inputs on
+the same base weights.
 """
 
 from __future__ import annotations
@@ -61,11 +61,15 @@ def mask_digest(mask: dict[str, torch.Tensor] | None) -> str:
     return hashlib.sha256(bits.numpy().tobytes()).hexdigest()
 
 
-def cache_key(expanded, config: UnlearnConfig, resolution: int, aligner_name: str, neurons: str, base_fp: str) -> str:
+def cache_key(expanded, config, resolution: int, aligner_name: str, neurons: str, base_fp: str,
+              method: str = "trust") -> str:
+    """The inputs that decide a run's result, hashed. `config`: any method's config dataclass. The method is part of
+    the key only for the other methods, so the keys of TRuST files saved before there were other methods still
+    match."""
     blob = json.dumps({
         "concepts": [(e.text, e.mode, e.forget, e.preserve, e.anchor) for e in expanded],
-        "config": json.loads(config.to_json()), "resolution": resolution, "aligner": aligner_name,
-        "neurons": neurons, "base": base_fp, "engine": __version__,
+        "config": dataclasses.asdict(config), "resolution": resolution, "aligner": aligner_name,
+        "neurons": neurons, "base": base_fp, "engine": __version__, **({"method": method} if method != "trust" else {}),
     }, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
@@ -90,8 +94,10 @@ def find_cached(folder: str, key: str) -> str | None:
     return None
 
 
-def slug(text: str) -> str:
-    return "trust_" + (re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:48] or "concept")
+def slug(text: str, method: str = "trust") -> str:
+    """The default file name: trust_<concept>, or trust_<method>_<concept> for the other methods."""
+    prefix = "trust_" if method == "trust" else f"trust_{method}_"
+    return prefix + (re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:48] or "concept")
 
 
 def free_path(folder: str, name: str) -> str:
@@ -123,19 +129,25 @@ def save(delta: Delta, folder: str, name: str, extra_metadata: dict[str, str] | 
 
 
 def share_line(delta: Delta, unet) -> str:
+    """How much of the model the delta changes: Q/K/V rows and, for the methods that change other weights, those."""
     sites = find_sites(unet)
     rows = sum(s.out_features for s in sites)
     changed = sum(d.rank for d in delta.sites.values())
     weights = sum(s.out_features * s.in_features for s in sites)
     changed_w = sum(d.rank * d.in_features for d in delta.sites.values())
-    return (f"changed {changed} of {rows} Q/K/V rows ({100 * changed_w / max(1, weights):.2f}% of the cross-attention "
+    text = (f"changed {changed} of {rows} Q/K/V rows ({100 * changed_w / max(1, weights):.2f}% of the cross-attention "
             f"Q/K/V weights) in {len(delta.sites)} of {len(sites)} layers")
+    if delta.params:
+        total = sum(p.numel() for p in unet.parameters())
+        dense = sum(int((d != 0).sum()) for d in delta.params.values())
+        text += f"; {dense:,} other weights ({100 * dense / max(1, total):.2f}% of the UNet) in {len(delta.params)} tensors"
+    return text
 
 
-def saliency_line(result) -> str:
-    mode = result.last_saliency.mode if result.last_saliency else "initial mask only"
+def saliency_line(mode: str, how_to_get_clip: str) -> str:
+    """The report's saliency line; `mode` as a TRuST delta records it, `how_to_get_clip` in the host's words."""
     return "saliency: " + ("CLIP score" if mode == "clip" else
-                           "noise contrast (choose an aligner for CLIP-score saliency)" if mode == "noise" else mode)
+                           f"noise contrast ({how_to_get_clip} for CLIP-score saliency)" if mode == "noise" else mode)
 
 
 @dataclasses.dataclass
@@ -174,5 +186,6 @@ def run_unlearn(*, expanded, config: UnlearnConfig, base_weights: dict[str, torc
                                                         "history": json.dumps(result.history)})
     path = save(delta, folder, file_name or slug(expanded[0].text), file_metadata)
     lines.insert(0, f"Saved {os.path.basename(path)} in {where}.")
-    lines += [result.report(), saliency_line(result), share]
+    mode = result.last_saliency.mode if result.last_saliency else "initial mask only"
+    lines += [result.report(), saliency_line(mode, "choose an aligner"), share]
     return JobOutcome(delta, path, result.history, "\n".join(lines), False)

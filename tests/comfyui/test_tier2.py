@@ -1,8 +1,8 @@
 """Tier 2 in a real ComfyUI (see conftest.py): the pack loads through ComfyUI's own loader; the patched MODEL
 differs from the base only at cross-attention sites; the base MODEL is bit-identical after a run, an
 interruption and an exception; the stock LoraLoaderModelOnly reading the saved file gives base + the engine's own
-reading of that file (SD1.5- and SDXL-shaped checkpoints), as does the node's MODEL; a delta for another base warns;
-every example workflow executes through ComfyUI's executor."""
+reading of that file (SD1.5- and SDXL-shaped checkpoints, and every method's file on SD1.5), as does the node's
+MODEL; a delta for another base warns; every example workflow executes through ComfyUI's executor."""
 
 from __future__ import annotations
 
@@ -91,41 +91,72 @@ def _ulp(values: torch.Tensor) -> torch.Tensor:
 
 
 def assert_base_plus_engine_delta(base: dict, patched: dict, delta, what: str) -> None:
-    """patched == base + the delta's dense difference at every site, rounded to the model's dtype; the keys that
-    differ from base are exactly the delta's sites."""
+    """patched == base + the delta's dense difference at every parameter the delta changes (row-sparse LoRA sites
+    and `.diff` / `.diff_b` parameters alike), rounded to the model's dtype; every other key bit-identical to base."""
     assert set(patched) == set(base), f"{what}: not the same UNet keys as the base"
-    sites = {site + ".weight": site for site in delta.sites}
-    assert sites and set(sites) <= set(base), f"{what}: delta sites not in the UNet: {sorted(set(sites) - set(base))[:3]}"
+    diffs = delta.diffs()  # LDM parameter name -> full difference (sites as <site>.weight)
+    assert diffs and set(diffs) <= set(base), f"{what}: delta keys not in the UNet: {sorted(set(diffs) - set(base))[:3]}"
     changed = {k for k in base if not torch.equal(base[k], patched[k])}
-    assert changed == set(sites), (f"{what}: changed keys differ from the delta's sites; only changed: "
-                                   f"{sorted(changed - set(sites))[:3]}, only in the delta: {sorted(set(sites) - changed)[:3]}")
-    for key, site in sites.items():
+    assert changed <= set(diffs), f"{what}: keys changed that the delta does not change: {sorted(changed - set(diffs))[:3]}"
+    for key, diff in diffs.items():
         w = base[key]
-        expected = (w.float() + delta.dense(site).float()).to(w.dtype)
+        expected = (w.float() + diff.float()).to(w.dtype)
+        if not torch.equal(expected, w):
+            assert key in changed, f"{what}: {key} is in the delta but the loaded model left it unchanged"
         error = (patched[key].float() - expected.float()).abs()
         worst = float((error - _ulp(expected)).max())
         assert worst <= 0, f"{what}: {key} is off base + delta by more than one {w.dtype} step ({float(error.max()):.3g})"
 
 
-@pytest.mark.parametrize("checkpoint", [CHECKPOINT, CHECKPOINT_SDXL], ids=["sd15", "sdxl"])
-def test_stock_lora_loader_gives_base_plus_the_engines_delta(comfy, checkpoint):
+# Per method: method_settings that make a CPU-sized run (seconds on the tiny checkpoints) still change weights (only
+# the file's layout and how stock loaders read it matter here), and the tensor kinds its file must hold: the exact
+# row-sparse LoRA (TRuST), a dense `.diff` per site (ESD-x changes every attn2 row), `.diff` of other weights (UCE's
+# K/V edit, FIA's and ConceptPrune's pruned ff.net.2 weights) and `.diff_b` of biases (SalUn).
+METHOD_RUNS = {
+    "trust": ("", {"lora_up.weight", "lora_down.weight", "alpha"}),
+    "esd": ("iterations=2, ddim_steps=2, lr=1e-3", {"diff"}),
+    "uce": ("", {"diff"}),
+    "salun": ("forget_images=2, preserve_images=2, gen_steps=2, batch=2, lr=1e-3", {"diff", "diff_b"}),
+    "fia": ("samples=2, steps=2, timesteps=1, batch=2", {"diff"}),
+    "conceptprune": ("samples=2, steps=2, timesteps=1, batch=2", {"diff"}),
+}
+STOCK_CASES = [(CHECKPOINT, "trust"), (CHECKPOINT_SDXL, "trust")] + [(CHECKPOINT, m) for m in METHOD_RUNS if m != "trust"]
+
+
+def _kind(key: str) -> str:
+    """`lora_unet_x.lora_up.weight` -> `lora_up.weight`; `lora_unet_x.diff_b` -> `diff_b`."""
+    parts = key.split(".")
+    return ".".join(parts[1:])
+
+
+@pytest.mark.parametrize("checkpoint,method", STOCK_CASES,
+                         ids=[f"{'sdxl' if c == CHECKPOINT_SDXL else 'sd15'}-{m}" for c, m in STOCK_CASES])
+def test_stock_lora_loader_gives_base_plus_the_engines_delta(comfy, checkpoint, method):
     """LoraLoaderModelOnly reading the saved file must give base + the delta as the engine reads that file (its own
-    rows, not ComfyUI's LoRA code); the node's MODEL too. Compared in this process from the weights the server
-    samples with, saved by a probe node."""
+    rows and differences, not ComfyUI's LoRA code); the node's MODEL too. For every method, so every tensor kind a
+    delta file holds goes through the stock loader. Compared in this process from the weights the server samples
+    with, saved by a probe node."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from trust_engine.delta import Delta
 
     kind = "sdxl" if checkpoint == CHECKPOINT_SDXL else "sd15"
-    name = f"tier2_stock_{kind}"
-    entry = comfy.run(base_graph({"u": unlearn_node("a tiger", name)}, checkpoint))
+    name = f"tier2_stock_{kind}" + ("" if method == "trust" else f"_{method}")
+    settings, kinds = METHOD_RUNS[method]
+    node = unlearn_node("a tiger", name, method=method, method_settings=settings)
+    entry = comfy.run(base_graph({"u": node}, checkpoint))
     report = entry["outputs"]["u"]["text"][0]
     assert report.startswith(f"Saved {name}.safetensors "), report[:300]  # trained here, not reused
-    delta = Delta.load(Path(comfy.base_dir) / "models" / "unlearned_deltas" / f"{name}.safetensors")
+    path = Path(comfy.base_dir) / "models" / "unlearned_deltas" / f"{name}.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        assert {_kind(k) for k in f.keys()} == kinds, f"{method}: the file holds {sorted({_kind(k) for k in f.keys()})}"
+    delta = Delta.load(path)
+    assert delta.metadata.get("method", "trust") == method
     save = {"base": ["ckpt", 0], "stock": ["lora", 0], "node": ["u", 0]}
     graph = {"lora": {"class_type": "LoraLoaderModelOnly",
                       "inputs": {"model": ["ckpt", 0], "lora_name": f"{name}.safetensors", "strength_model": 1.0}},
-             "u": unlearn_node("a tiger", name)}
+             "u": node}
     graph.update({f"save_{label}": {"class_type": "TrustProbeSaveWeights",
                                     "inputs": {"model": model, "file_name": f"{name}_{label}"}}
                   for label, model in save.items()})
@@ -133,8 +164,8 @@ def test_stock_lora_loader_gives_base_plus_the_engines_delta(comfy, checkpoint):
     weights = {label: load_file(str(Path(comfy.base_dir) / "output" / f"{name}_{label}.safetensors"))
                for label in save}
     assert "lora key not loaded" not in comfy.log.read_text()
-    assert_base_plus_engine_delta(weights["base"], weights["stock"], delta, f"{kind} stock LoraLoaderModelOnly")
-    assert_base_plus_engine_delta(weights["base"], weights["node"], delta, f"{kind} TrustUnlearn MODEL")
+    assert_base_plus_engine_delta(weights["base"], weights["stock"], delta, f"{kind} {method} stock LoraLoaderModelOnly")
+    assert_base_plus_engine_delta(weights["base"], weights["node"], delta, f"{kind} {method} TrustUnlearn MODEL")
 
 
 def test_same_inputs_reuse_the_saved_delta(comfy):

@@ -199,7 +199,7 @@ def _train(parts, merged, forget, retain, anchor_of, config: SalUnConfig, progre
                 pseudo = _eps(parts, net.call, x_t, t, pseudo_cond[idx])
             loss_f = forget_loss(_eps(parts, net.call, x_t, t, f_cond[idx]), pseudo)
             loss = loss_f
-            record = {"forget_loss": float(loss_f.detach())}
+            record = {"step": step, "forget_loss": float(loss_f.detach())}
             if n_retain:
                 r_idx, r_t, r_noise, r_x = _noised(r_lat, b, alphas, gen, parts.device)
                 loss_r = F.mse_loss(_eps(parts, net.call, r_x, r_t, r_cond[r_idx]), r_noise)
