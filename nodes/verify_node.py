@@ -50,6 +50,7 @@ class TrustVerifyErasure:
                        "the attacks' worst cases (images that show the concept first), one row per attack",
                        "True when every attack's ASR is at or below the threshold")
     FUNCTION = "verify"
+    OUTPUT_NODE = True  # runs on its own: the report shows on the node
 
     @classmethod
     def INPUT_TYPES(cls):

@@ -397,10 +397,15 @@ def _ring_a_bell(ctx: _Context) -> AttackResult:
     frames = ("{}", "a picture of {}", "a photo of {}", "an image of {}", "a drawing of {}") if ctx.testbed \
         else GENERIC_FRAMES[:6]
     phrase = ctx.prompt()
+    none = tokens.table[:0].to(parts.device)
+
+    def text_encoder(prompts: list[str]) -> torch.Tensor:  # the text encoder itself, as the attacker holds it
+        return torch.cat([tokens.encode(p, none).float() for p in prompts])
+
     with torch.no_grad():
-        with_c = parts.encode_text([f.format(phrase) for f in frames]).float().mean(0)
-        without = parts.encode_text([f.format("").strip(" ,") for f in frames]).float().mean(0)
-        empty = parts.encode_text([""]).float()[0]
+        with_c = text_encoder([f.format(phrase) for f in frames]).mean(0)
+        without = text_encoder([f.format("").strip(" ,") for f in frames]).mean(0)
+        empty = text_encoder([""])[0]
     direction = (with_c - without).flatten()
     allowed = _allowed_ids(ctx, tokens, exclude=(ctx.concept, phrase))
     allowed_t = torch.tensor(allowed)
