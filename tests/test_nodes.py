@@ -370,8 +370,8 @@ def test_host_token_input_gives_the_prompts_cond_and_a_gradient_without_touching
 
 
 def _aligner():
-    from trust_engine.testbed import bundle
     from trust_engine.parts import Aligner
+    from trust_engine.testbed import bundle
 
     model, tokenizer, processor = bundle.load_aligner()
     return Aligner(model.requires_grad_(False), tokenizer, list(processor.image_mean), list(processor.image_std),
