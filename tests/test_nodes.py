@@ -356,7 +356,7 @@ def test_host_token_input_gives_the_prompts_cond_and_a_gradient_without_touching
     cond is the words' cond; the gradient reaches the soft rows; the CLIP's weights are unchanged and get no grad."""
     model, clip, vae = host
     before = digest(clip.cond_stage_model)
-    with pack.nodes.host.comfy_parts(model, clip, vae, 32) as parts:
+    with pack.nodes.host.comfy_parts(model, clip, vae, 64) as parts:
         tokens = parts.token_input
         ids = tokens.tokenize("a red")
         with torch.no_grad():
@@ -389,7 +389,7 @@ def test_verify_erasure_node_reports_and_never_mutates(pack, host, monkeypatch):
     assert pack.NODE_DISPLAY_NAME_MAPPINGS["TrustVerifyErasure"] == "Verify Erasure"
     out = cls().verify(model, clip, vae, "triangle", "paraphrase", "quick", 0.2, 0, _aligner(),
                        paraphrases="a wedge\na picture of a wedge\na photo of a triangle\na drawing of a wedge",
-                       resolution=32)
+                       resolution=64)
     report, grid, passed = out["result"]
     assert "paraphrase: ASR" in report and "aligner threshold" in report and "without its patches" in report
     assert passed is False, report  # nothing is erased: the base model draws the concept
