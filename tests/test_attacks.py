@@ -95,6 +95,7 @@ def test_threshold_out_of_range_fails_before_any_work(base, judge_fn):
                       progress=lambda e: pytest.fail("work started"))
 
 
+@pytest.mark.slow
 def test_base_model_asr_is_about_one(base, judge_fn):
     results = attacks.run(base, "triangle", ["paraphrase", "ring_a_bell"], base=base, judge=judge_fn)
     for r in results.values():
@@ -102,6 +103,7 @@ def test_base_model_asr_is_about_one(base, judge_fn):
         assert r.runs > 0 and r.judged_by == "judge" and r.worst
 
 
+@pytest.mark.slow
 def test_paraphrase_and_ring_a_bell_undo_an_exact_word_erasure(base, judge_fn):
     filtered = _word_filter(base, "triangle")
     plain = judge_fn(attacks.images_of(filtered, filtered.unet, filtered.encode_text(["a triangle"] * 4), 10, 3.0,
@@ -113,6 +115,7 @@ def test_paraphrase_and_ring_a_bell_undo_an_exact_word_erasure(base, judge_fn):
     assert not any("triangle" in p.split() for p in results["ring_a_bell"].extra["prompts"])
 
 
+@pytest.mark.slow
 def test_soft_prompt_and_relearn_recover_a_weight_space_erasure(uce_strong, base, judge_fn):
     plain = judge_fn(attacks.images_of(uce_strong, uce_strong.unet, uce_strong.encode_text(["a triangle"] * 8), 10,
                                        3.0, torch.Generator().manual_seed(0)), "triangle")
@@ -127,6 +130,7 @@ def test_soft_prompt_and_relearn_recover_a_weight_space_erasure(uce_strong, base
     assert relearn.extra["curve"][0][0] == 0 and relearn.extra["steps_to_recover"] is not None
 
 
+@pytest.mark.slow
 def test_same_seed_same_result_other_seed_other_search(base, judge_fn):
     filtered = _word_filter(base, "triangle")
     a = attacks.run(filtered, "triangle", ["ring_a_bell"], base=base, judge=judge_fn, seed=3)["ring_a_bell"]
@@ -150,6 +154,7 @@ def test_progress_events_and_interruption(base, judge_fn):
     assert [e.stage for e in events] == ["attack paraphrase"] * 3 and events[0].total == 5
 
 
+@pytest.mark.slow
 def test_aligner_judge_states_its_threshold(base, testbed):
     _, _, aligner = testbed
     r = attacks.run(base, "triangle", ["paraphrase"], base=base, aligner=aligner)["paraphrase"]
