@@ -19,7 +19,7 @@ import torch
 
 from ..trust_engine.functional import DECODER_BLOCKS, checkpoint_blocks
 from ..trust_engine.job import NATIVE_RESOLUTION
-from ..trust_engine.parts import DiffusionParts, pack_extra, unpack_extra
+from ..trust_engine.parts import DiffusionParts, hf_token_input, pack_extra, unpack_extra
 from ..trust_engine.progress import ProgressEvent
 from ..trust_engine.unet_view import UnknownArchitectureError, find_sites, site_weight
 
@@ -232,11 +232,26 @@ def a1111_parts(sd_model, modules, resolution: int = 0, need_decoder: bool = Tru
             unet=unet, denoise=denoise, encode_text=encode_text, decode=decode,
             scheduler_config=scheduler_config(sd_model), latent_shape=(4, size // 8, size // 8),
             prediction_type=prediction_type(sd_model), device=device, dtype=dtype, name=f"AUTOMATIC1111 {family}",
+            token_input=token_input(sd_model, family, shared.opts, device),
         )
     finally:
         unet = decoder = None
         cache.clear()
         devices.torch_gc()
+
+
+def token_input(sd_model, family: str, opts, device):
+    """Text conditioning from token embeddings (soft-prompt attacks) for SD1.x, whose text encoder is a transformers
+    CLIPTextModel (`cond_stage_model.wrapped.transformer` under the web UI's hijack), on a private tree of it with the
+    web UI's textual-inversion wrapper left out; the clip skip setting (CLIP_stop_at_last_layers) as the web UI
+    applies it. None for SD2.x (OpenCLIP) and SDXL."""
+    cond = getattr(sd_model, "cond_stage_model", None)
+    inner = getattr(cond, "wrapped", cond)
+    encoder, tokenizer = getattr(inner, "transformer", None), getattr(inner, "tokenizer", None)
+    if family != "SD1.x" or tokenizer is None or not hasattr(encoder, "get_input_embeddings"):
+        return None
+    skip = int(getattr(opts, "CLIP_stop_at_last_layers", 1) or 1)
+    return hf_token_input(encoder, tokenizer, device, None if skip <= 1 else -skip)
 
 
 class HostProgress:

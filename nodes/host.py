@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch
 
 from ..trust_engine.functional import DECODER_BLOCKS, checkpoint_blocks
-from ..trust_engine.parts import DiffusionParts, unpack_extra
+from ..trust_engine.parts import DiffusionParts, TokenInput, unpack_extra
 from ..trust_engine.parts import pack_extra as _pack
 from ..trust_engine.progress import ProgressEvent
 from ..trust_engine.unet_view import UnknownArchitectureError, find_sites, site_weight, weight_path
@@ -222,10 +222,49 @@ def comfy_parts(model, clip, vae, resolution: int = 0, need_decoder: bool = True
             unet=unet, denoise=denoise, encode_text=encode_text, decode=decode,
             scheduler_config=scheduler_config(model), latent_shape=(channels, size // 8, size // 8),
             prediction_type=prediction_type(model), device=device, dtype=dtype, name=f"ComfyUI {family}",
+            token_input=None if sdxl else token_input(clip, device),
         )
     finally:
         unet = decoder = None
         mm.soft_empty_cache()
+
+
+def token_input(clip, device) -> TokenInput | None:
+    """Text conditioning from token embeddings (soft-prompt attacks) for a single-encoder CLIP (SD1.x, SD2.x): the
+    soft rows go into the token list as an embedding, as ComfyUI inserts textual-inversion embeddings
+    (`process_tokens`), and are encoded by a private copy of the text encoder (ComfyUI's weights are inference
+    tensors, which autograd cannot save; the shared CLIP is not touched). None where the CLIP is not of that kind."""
+    model, tokenizers = getattr(clip, "cond_stage_model", None), getattr(clip, "tokenizer", None)
+    key, attr = getattr(model, "clip_name", None), getattr(model, "clip", None)
+    words_tokenizer = getattr(getattr(tokenizers, str(getattr(tokenizers, "clip", "")), None), "tokenizer", None)
+    if key is None or attr is None or words_tokenizer is None or not hasattr(getattr(model, attr, None), "transformer"):
+        return None
+    clip.load_model()
+    private = _private_copy(model)
+    table = getattr(private, attr).transformer.get_input_embeddings().weight.detach()
+    special = set(getattr(words_tokenizer, "all_special_ids", []))
+    layer = getattr(clip, "layer_idx", None)
+
+    def encode(prompt: str, soft: torch.Tensor) -> torch.Tensor:
+        chunk = list(clip.tokenize(prompt)[key][0])
+        k = soft.shape[0]
+        first = chunk[0]
+        tokens = [first, (soft, 1.0, *first[2:])] + chunk[1:len(chunk) - k]
+        private.reset_clip_options()
+        if layer is not None:
+            private.set_clip_options({"layer": layer})
+        with torch.inference_mode(False):
+            cond = private.encode_token_weights({key: [tokens]})[0]
+        return _first_chunk(cond).float().to(device)
+
+    def decode(ids: list[int]) -> str:
+        return words_tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def tokenize(text: str) -> list[int]:
+        return [i for i in words_tokenizer(text).input_ids if i not in special]
+
+    words = torch.tensor([i for i in range(table.shape[0]) if i not in special])
+    return TokenInput(table=table, encode=encode, decode=decode, words=words, tokenize=tokenize)
 
 
 # Training working set per element of one latent (batch 1), above the UNet's own weights: optimizer state and

@@ -102,17 +102,76 @@ class ModelPatcher:
         return out
 
 
+class _ClipL(torch.nn.Module):
+    """ComfyUI's SDClipModel as far as the pack uses it: `transformer` with its token-embedding layer."""
+
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.transformer = text_encoder
+
+
+class ClipModel(torch.nn.Module):
+    """ComfyUI's SD1ClipModel (`cond_stage_model`): `encode_token_weights({"l": [[(token, weight), ...]]})`, where a
+    token may be an embedding tensor (rows inserted at its place, as `process_tokens` does for textual inversion)."""
+
+    clip_name, clip = "l", "clip_l"
+
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.clip_l = _ClipL(text_encoder)
+
+    def reset_clip_options(self):
+        pass
+
+    def set_clip_options(self, options):
+        pass
+
+    def encode_token_weights(self, tokens):
+        chunk = tokens[self.clip_name][0]
+        encoder = self.clip_l.transformer
+        layer = encoder.get_input_embeddings()
+        rows, placeholder = [], []
+        for t, *_ in chunk:
+            if torch.is_tensor(t):
+                rows.append(t.view(-1, t.shape[-1]).float())
+                placeholder += [0] * rows[-1].shape[0]
+            else:
+                rows.append(layer(torch.tensor([t])).float())
+                placeholder.append(t)
+        embeds = torch.cat(rows)[None]
+        # the transformers encoder takes ids: feed the assembled embeddings through its token-embedding layer's output
+        handle = layer.register_forward_hook(lambda module, args, out: embeds.to(out.dtype))
+        try:
+            out = encoder(torch.tensor([placeholder]))
+        finally:
+            handle.remove()
+        return out[0], out[1]
+
+
+class _Tokenizer:
+    clip = "clip_l"
+
+    def __init__(self, tokenizer):
+        self.clip_l = types.SimpleNamespace(tokenizer=tokenizer)
+
+
 class CLIP:
     def __init__(self, pipe):
-        self.tokenizer, self.text_encoder = pipe.tokenizer, pipe.text_encoder
+        self.cond_stage_model = ClipModel(pipe.text_encoder)
+        self.tokenizer = _Tokenizer(pipe.tokenizer)
+        self.layer_idx = None
+
+    def load_model(self):
+        pass
 
     def tokenize(self, text, return_word_ids=False, **kwargs):
-        return self.tokenizer([text], padding="max_length", max_length=self.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids
+        tokenizer = self.tokenizer.clip_l.tokenizer
+        ids = tokenizer([text], padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+        return {"l": [[(int(i), 1.0) for i in ids[0]]]}
 
     def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
-        out = self.text_encoder(tokens)
-        return (out[0], out[1]) if return_pooled else out[0]
+        cond, pooled = self.cond_stage_model.encode_token_weights(tokens)
+        return (cond, pooled) if return_pooled else cond
 
 
 class FirstStage(torch.nn.Module):

@@ -233,3 +233,20 @@ def test_kohya_metadata_per_family(pack):
     assert pack.job.kohya_metadata("SDXL", "epsilon", "x", 1024)["ss_base_model_version"] == "sdxl_base_v1-0"
     sd2 = pack.job.kohya_metadata("SD2.x", "v_prediction", "x", 768)
     assert sd2["ss_v2"] == "True" and sd2["ss_v_parameterization"] == "True"
+
+
+def test_token_input_gives_the_prompts_cond_and_a_gradient_without_touching_the_host(pack, web):
+    """Soft-prompt attacks: token embeddings in, the same cond as the words out, differentiable; the host's text
+    encoder keeps no gradient and no change."""
+    encoder = web.shared.sd_model.cond_stage_model.transformer
+    before = digest(encoder)
+    with pack.host.a1111_parts(web.shared.sd_model, web, resolution=64) as parts:
+        tokens = parts.token_input
+        ids = tokens.tokenize("a red")
+        with torch.no_grad():
+            assert torch.allclose(tokens.encode("circle", tokens.table[ids]), parts.encode_text(["a red circle"]),
+                                  atol=1e-6)
+        soft = tokens.table[ids].clone().requires_grad_(True)
+        tokens.encode("circle", soft).square().sum().backward()
+        assert soft.grad is not None and float(soft.grad.abs().sum()) > 0
+    assert digest(encoder) == before and all(p.grad is None for p in encoder.parameters())

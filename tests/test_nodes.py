@@ -362,3 +362,69 @@ def test_a_fine_tuning_method_reports_and_charts_its_steps(pack, host):
     assert [h["step"] for h in history] == [1, 2] and "salun:" in report
     line = torch.tensor([90, 170, 255]) / 255.0  # the loss line's colour (trust_engine.render)
     assert bool(((curves[0] - line).abs().max(dim=-1).values < 0.02).any()), "no loss line on the chart"
+
+
+def test_host_token_input_gives_the_prompts_cond_and_a_gradient_without_touching_the_clip(pack, host):
+    """Soft-prompt attacks in ComfyUI: the soft rows go in as an embedding token; with the embeddings of words the
+    cond is the words' cond; the gradient reaches the soft rows; the CLIP's weights are unchanged and get no grad."""
+    model, clip, vae = host
+    before = digest(clip.cond_stage_model)
+    with pack.nodes.host.comfy_parts(model, clip, vae, 64) as parts:
+        tokens = parts.token_input
+        ids = tokens.tokenize("a red")
+        with torch.no_grad():
+            assert torch.allclose(tokens.encode("circle", tokens.table[ids]), parts.encode_text(["a red circle"]),
+                                  atol=1e-5)
+        soft = tokens.table[ids].clone().requires_grad_(True)
+        tokens.encode("circle", soft).square().sum().backward()
+        assert float(soft.grad.abs().sum()) > 0
+    assert digest(clip.cond_stage_model) == before
+    assert all(p.grad is None for p in clip.cond_stage_model.parameters())
+
+
+def _aligner():
+    from trust_engine.parts import Aligner
+    from trust_engine.testbed import bundle
+
+    model, tokenizer, processor = bundle.load_aligner()
+    return Aligner(model.requires_grad_(False), tokenizer, list(processor.image_mean), list(processor.image_std),
+                   int(processor.crop_size["height"]))
+
+
+def test_verify_erasure_node_reports_and_never_mutates(pack, host, monkeypatch):
+    from trust_engine import attacks
+
+    tiny = {**attacks.BUDGETS["quick"], "paraphrase": {"prompts": 4, "images": 1, "steps": 6}}
+    monkeypatch.setitem(pack.trust_engine.attacks.BUDGETS, "quick", tiny)
+    model, clip, vae = host
+    before, clip_before = digest(model.model), digest(clip.cond_stage_model)
+    cls = pack.NODE_CLASS_MAPPINGS["TrustVerifyErasure"]
+    assert pack.NODE_DISPLAY_NAME_MAPPINGS["TrustVerifyErasure"] == "Verify Erasure"
+    out = cls().verify(model, clip, vae, "triangle", "paraphrase", "quick", 0.2, 0, _aligner(),
+                       paraphrases="a wedge\na picture of a wedge\na photo of a triangle\na drawing of a wedge",
+                       resolution=64)
+    report, grid, passed = out["result"]
+    assert "paraphrase: ASR" in report and "aligner threshold" in report and "without its patches" in report
+    assert passed is False, report  # nothing is erased: the base model draws the concept
+    assert grid.ndim == 4 and grid.shape[0] == 1 and grid.shape[-1] == 3
+    assert digest(model.model) == before and digest(clip.cond_stage_model) == clip_before
+    assert model.patches == {}
+    assert out["ui"]["text"] == [report]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(concept=" "), "concept is empty"),
+    (dict(attacks="paraphrase, nope"), "unknown attack 'nope'"),
+    (dict(budget="huge"), "budget must be"),
+    (dict(threshold=1.5), "threshold must be"),
+    (dict(aligner=None), "no aligner connected"),
+])
+def test_verify_erasure_node_refuses_bad_input_before_work(pack, host, bad, message):
+    model, clip, vae = host
+    cls = pack.NODE_CLASS_MAPPINGS["TrustVerifyErasure"]
+    args = dict(concept="triangle", attacks="paraphrase", budget="quick", threshold=0.2, seed=0, aligner=object())
+    args.update(bad)
+    with pytest.raises(ValueError, match=message):
+        cls().verify(model, clip, vae, **args)
+    if "concept" in bad or "attacks" in bad:
+        assert isinstance(cls.VALIDATE_INPUTS(concept=args["concept"], attacks=args["attacks"]), str)

@@ -1,5 +1,5 @@
 """Command line: `python -m trust_engine <command>`; the bundled testbed is the default model everywhere.
-Commands: demo (the main job), unlearn (any method), methods, evaluate, export, saliency, figures, bench,
+Commands: demo (the main job), unlearn (any method), methods, evaluate, verify, export, saliency, figures, bench,
 bench-scale, testbed-check.
 """
 
@@ -243,6 +243,46 @@ def _evaluate_on_model(args: argparse.Namespace, delta) -> int:
     report.update(model=parts.name, judge="aligner CLIP score (100 x cosine)")
     _print_report(report, args.json)
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Attack a delta: per-attack ASR and budget, a worst-cases PNG and a JSON report; exit 0 pass / 1 fail."""
+    from . import attacks, verify
+    from .delta import Delta, fingerprint
+    from .unet_view import find_sites, site_weights
+
+    attacks.check_inputs(args.concept, args.attacks, args.budget, args.seed)  # before anything is loaded
+    verify.check_threshold(args.threshold)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: give a folder")
+    delta = Delta.load(args.delta)
+    if args.model and not args.aligner:
+        from .loading import CheckpointError
+
+        raise CheckpointError("verify --model needs --aligner (a transformers CLIPModel folder): without the testbed "
+                              "judge, an image shows the concept when its CLIP score is above an anchor-relative "
+                              "threshold")
+    _, base, aligner, cfg = _load_model(args)
+    delta.check_base(fingerprint(site_weights(base.unet, find_sites(base.unet))))
+    patched_pipe, patched, _, _ = _load_model(args)  # a second copy of the model, patched with the delta
+    from .testbed.evaluate import apply_delta
+
+    apply_delta(patched_pipe, delta)
+    judge = None
+    if not args.model:
+        from .testbed import bundle
+
+        judge = attacks.testbed_judge(bundle.load_judge())
+    from .progress import text_progress
+
+    verdict = verify.verify(patched, args.concept, args.attacks, threshold=args.threshold, budget=args.budget,
+                            seed=args.seed, base=base, judge=judge, aligner=aligner, cfg=cfg,
+                            progress=text_progress())
+    report, grid = verify.write(verdict, out)
+    print(verdict.report())
+    print(f"report: {report}\nworst cases: {grid}")
+    return 0 if verdict.passed else 1
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -499,6 +539,7 @@ def cmd_figures(args: argparse.Namespace) -> int:
 
 METHOD_NAMES = ("trust", "esd", "uce", "salun", "fia", "conceptprune")  # = trust_engine.methods.names() (a test
 # checks): spelled out so that the CLI's help does not import torch
+ATTACK_NAMES = ("paraphrase", "soft_prompt", "ring_a_bell", "relearn")  # = trust_engine.attacks.ATTACKS (test_attacks)
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -724,6 +765,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     model_options(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("verify", help="attack a delta (paraphrases, soft prompt, Ring-A-Bell search, relearning): "
+                                      "ASR per attack, worst-cases PNG, JSON; exit 0 pass / 1 fail")
+    p.add_argument("--delta", required=True, help="a delta file written by unlearn or the ComfyUI nodes")
+    p.add_argument("--concept", required=True, help="the erased concept, in words")
+    p.add_argument("--attacks", nargs="+", default=list(ATTACK_NAMES), metavar="ATTACK",
+                   help=f"attacks to run: {', '.join(ATTACK_NAMES)} (default all)")
+    p.add_argument("--budget", default="quick", help="quick (default) or full: what each attack may spend")
+    p.add_argument("--threshold", type=float, default=0.2, help="pass when every attack's ASR is at or below this "
+                                                                 "(default 0.2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the attacks (default 0)")
+    p.add_argument("--out", default="out/verify", help="folder for verify.json and verify_worst.png "
+                                                      "(default ./out/verify)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    model_options(p)
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("export", help="write a delta as a LoRA file diffusers' pipe.load_lora_weights reads "
                                       "(diffusers module names, no .diff keys; loading it needs peft)")

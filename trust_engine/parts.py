@@ -31,6 +31,8 @@ class DiffusionParts:
     dtype: torch.dtype = torch.float32
     name: str = "model"
     check_prompt: Callable[[str], None] | None = None  # raises a clear error for prompts the model cannot read
+    # text conditioning from token embeddings, differentiable (soft-prompt attacks); None where a host cannot give it
+    token_input: TokenInput | None = None
 
     def ddim(self, steps: int):
         """A fresh diffusers DDIMScheduler on the model's schedule, set to `steps` sampling steps. It is told the
@@ -80,6 +82,91 @@ class DiffusionParts:
     def _check_prediction_type(self) -> None:
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"unsupported prediction type {self.prediction_type!r} (epsilon or v_prediction)")
+
+
+@dataclasses.dataclass
+class TokenInput:
+    """The text encoder fed token embeddings instead of words: `encode(prompt, soft)` is the cond of `prompt` with the
+    k rows of `soft` (k x width of `table`) inserted right after the start token, differentiable in `soft`. With
+    `soft = table[ids]` it is the cond of the words of `ids` followed by the prompt (what `encode_text` gives).
+    `table` is the encoder's token-embedding matrix (read only), `words` the ids a prompt may use (no special
+    tokens) and `decode(ids)` their text."""
+
+    table: torch.Tensor  # vocabulary x width
+    encode: Callable[[str, torch.Tensor], torch.Tensor]
+    decode: Callable[[list[int]], str]
+    words: torch.Tensor  # ids of ordinary tokens
+    tokenize: Callable[[str], list[int]]  # a text's token ids, without start / end / padding
+
+
+class _SoftTokens(nn.Module):
+    """Stands in for a private text-encoder copy's token-embedding layer: the host layer's output with rows 1..k
+    replaced by `soft` while one is set (the ids there are placeholders)."""
+
+    def __init__(self, embedding: nn.Module) -> None:
+        super().__init__()
+        self.embedding = embedding
+        self.soft: torch.Tensor | None = None
+
+    def forward(self, ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.embedding(ids, *args, **kwargs)
+        if self.soft is None:
+            return out
+        k = self.soft.shape[0]
+        soft = self.soft.to(out.dtype).unsqueeze(0).expand(out.shape[0], -1, -1)
+        return torch.cat([out[:, :1], soft, out[:, 1 + k:]], dim=1)
+
+
+def hf_token_input(encoder: nn.Module, tokenizer, device, hidden_layer: int | None = None) -> TokenInput:
+    """TokenInput of a transformers CLIP text encoder (diffusers' SD1.x/SD2.x pipelines, AUTOMATIC1111's SD1.x) over a
+    private module tree (the host's tensors, frozen; the host's modules are not changed). `hidden_layer` = -n takes
+    the n-th hidden state from the end through the final layer norm (clip skip); None the last output."""
+    from .functional import private_tree
+
+    host_embedding = encoder.get_input_embeddings()
+    # AUTOMATIC1111 wraps the layer (EmbeddingsWithFixes, textual inversion) and keeps the original as `.wrapped`
+    base = getattr(host_embedding, "wrapped", host_embedding)
+    soft_layer = _SoftTokens(private_tree(base))
+    memo = {id(host_embedding): soft_layer}
+    private = private_tree_with(encoder, memo)
+    table = soft_layer.embedding.weight.detach()
+    special = set(getattr(tokenizer, "all_special_ids", []))
+    words = torch.tensor([i for i in range(table.shape[0]) if i not in special])
+    length = tokenizer.model_max_length
+
+    def encode(prompt: str, soft: torch.Tensor) -> torch.Tensor:
+        k = soft.shape[0]
+        ids = tokenizer([prompt], padding="max_length", max_length=length, truncation=True,
+                        return_tensors="pt").input_ids
+        ids = torch.cat([ids[:, :1], ids[:, :1].expand(1, k), ids[:, 1:length - k]], dim=1).to(device)
+        soft_layer.soft = soft
+        try:
+            if hidden_layer is None:
+                return private(ids)[0]
+            hidden = private(ids, output_hidden_states=True).hidden_states[hidden_layer]
+            return getattr(private, "text_model", private).final_layer_norm(hidden)
+        finally:
+            soft_layer.soft = None
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def tokenize(text: str) -> list[int]:
+        return [i for i in tokenizer(text).input_ids if i not in special]
+
+    return TokenInput(table=table, encode=encode, decode=decode, words=words, tokenize=tokenize)
+
+
+def private_tree_with(module: nn.Module, memo: dict[int, object]) -> nn.Module:
+    """`functional.private_tree`, with some of the tree's objects replaced (deepcopy memo: id(old) -> new)."""
+    import copy
+
+    memo = dict(memo)
+    for p in module.parameters():
+        memo.setdefault(id(p), nn.Parameter(p.detach(), requires_grad=False))
+    for b in module.buffers():
+        memo.setdefault(id(b), b)
+    return copy.deepcopy(module, memo).requires_grad_(False).eval()
 
 
 @dataclasses.dataclass
@@ -254,10 +341,14 @@ def from_pipeline(pipe, name: str = "diffusers pipeline", check_prompt=None, cli
         def denoise(unet_call, latents, t, cond):
             return unet_call(latents, t, encoder_hidden_states=cond, return_dict=False)[0]
 
+    token_input = None
+    if not sdxl:  # SDXL's two text encoders and pooled embeds: not given token input here
+        token_input = hf_token_input(pipe.text_encoder, pipe.tokenizer, device,
+                                     None if clip_skip is None else -(clip_skip + 1))
     return DiffusionParts(
         unet=unet, denoise=denoise, encode_text=encode_text, decode=decode,
         scheduler_config=dict(pipe.scheduler.config), latent_shape=(unet.config.in_channels, size // factor,
                                                                     size // factor),
         prediction_type=pipe.scheduler.config.prediction_type, device=device, dtype=dtype, name=name,
-        check_prompt=check_prompt,
+        check_prompt=check_prompt, token_input=token_input,
     )
