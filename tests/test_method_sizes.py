@@ -26,8 +26,13 @@ def layout_of(tensors: dict) -> dict:
 def test_layout_from_shapes_is_the_file_a_real_run_writes(testbed, method):
     _, parts, _ = testbed
     cls, run = METHODS[method]
-    real = run(parts, [concepts.expand("triangle", preserve=("a circle", "a square"))], cls(**SHORT[method]))
-    assert layout_of(sizes.layout(method, parts.unet).to_lora()) == layout_of(real.to_lora())
+    real = layout_of(run(parts, [concepts.expand("triangle", preserve=("a circle", "a square"))],
+                         cls(**SHORT[method])).to_lora())
+    made = layout_of(sizes.layout(method, parts.unet).to_lora())
+    if method == "salun":  # an upper bound: a tensor the saliency mask misses entirely is not written
+        assert real.items() <= made.items() and len(real) >= 0.9 * len(made)
+    else:
+        assert made == real
 
 
 def test_trust_layout_has_the_sites_and_dtype_of_a_real_delta(testbed):

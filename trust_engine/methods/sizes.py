@@ -4,8 +4,8 @@ states. No method is run; the file's layout (which tensors, their shapes and dty
 - uce: a float16 `.diff` of every attn2 to_k and to_v weight (the closed form edits whole weights);
 - esd: every attn2 to_q / to_k / to_v / to_out.0 site with all its rows (Adam moves every row), which the delta
   writes as a dense `.diff` in the training dtype (float32 here; full-rank LoRA factors would be larger);
-- salun: a float16 `.diff` / `.diff_b` of every parameter inside the transformer slots (a 50 % global saliency mask
-  leaves no tensor unmasked, so each one changes);
+- salun: a float16 `.diff` / `.diff_b` of every parameter inside the transformer slots: an upper bound, since a tensor
+  the 50 % global saliency mask misses entirely is not written (4 of 182 tensors in a short testbed run);
 - fia, conceptprune: a float16 `.diff` of every `locus` weight (ff.net.2 by default; the per-row top-k selects
   weights in every layer, and a pruned layer is written whole);
 - trust: data-dependent (only the concept neurons' rows): the exact row-sparse LoRA with `row_share` of every Q/K/V
@@ -30,7 +30,7 @@ LAYOUT = {
     "trust": "row-sparse LoRA of the concept neurons' Q/K/V rows (float32); size at a given share of rows",
     "esd": "dense .diff of every attn2 to_q / to_k / to_v / to_out.0 weight (float32)",
     "uce": "dense .diff of every attn2 to_k / to_v weight (float16)",
-    "salun": "dense .diff / .diff_b of every transformer-slot parameter (float16)",
+    "salun": "dense .diff / .diff_b of every transformer-slot parameter the mask touches (float16; at most)",
     "fia": "dense .diff of every ff.net.2 weight (float16)",
     "conceptprune": "dense .diff of every ff.net.2 weight (float16)",
 }
