@@ -95,4 +95,5 @@ def test_zeroing_all_of_ff_net_2_does_not_erase_triangle(testbed, judge):
             m.weight.zero_()
     prompts = [p for p in sets.forget for _ in range(2)]
     shown = judge_rate(judge, check.generate(pipe, prompts, seed=1000), prompts, sets.concept)
-    assert sum(shown) / len(shown) > 0.30
+    rate = sum(shown) / len(shown)
+    assert 0.30 < rate < 0.9, rate  # below 0.9: the zeroing bites (the base draws it in >= 0.9), yet does not erase
