@@ -64,12 +64,14 @@ def file_bytes(delta: Delta) -> int:
 
 
 def sd15_unet() -> nn.Module:
-    """An SD1.5-shaped diffusers UNet (the bench's config), random init: only its shapes are read."""
+    """An SD1.5-shaped diffusers UNet (the bench's config) on the meta device: only its shapes are read, so no
+    weights are allocated."""
     from diffusers import UNet2DConditionModel
 
     from ..bench import ARCHS
 
-    return UNet2DConditionModel(**ARCHS["sd15"]["unet"])
+    with torch.device("meta"):
+        return UNet2DConditionModel(**ARCHS["sd15"]["unet"])
 
 
 def table(unet: nn.Module, row_shares: tuple[float, ...] = (0.01, 0.05)) -> list[dict]:
