@@ -1,5 +1,5 @@
 """The erasers of trust_engine.methods: each against a hand-computed toy of its reference equations, the host UNet
-left bit-identical (also when interrupted), and on the bundled testbed UCE erasing "triangle" (slow) and short ESD /
+left bit-identical (also when interrupted), and on the bundled testbed UCE erasing "triangle" (seconds) and short ESD /
 SalUn runs moving their losses the right way."""
 
 import math
@@ -150,7 +150,6 @@ def test_bad_configs_and_prompts_are_refused_before_any_work(testbed):
 UCE_TESTBED = dict(erase_scale=30.0)
 
 
-@pytest.mark.slow
 def test_uce_erases_triangle_on_the_testbed(testbed, tmp_path):
     from trust_engine.testbed import bundle
     from trust_engine.testbed.evaluate import apply_delta, eval_sets, evaluate

@@ -497,8 +497,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_figures(args: argparse.Namespace) -> int:
     """The engine's benchmark on the testbed: every demo task with each loss, and the static-mask ablation."""
-    import platform
-
     from .testbed import bundle
     from .testbed.evaluate import eval_sets, evaluate
 
@@ -518,7 +516,9 @@ def cmd_figures(args: argparse.Namespace) -> int:
             else:
                 from .methods import PRESETS
 
-                runs += [(method, preset, None, False) for preset in PRESETS[method] if preset in args.presets]
+                own = [p.split(":", 1)[1] for p in args.presets if p.startswith(method + ":")]
+                wanted = own or [p for p in args.presets if ":" not in p]
+                runs += [(method, preset, None, False) for preset in PRESETS[method] if preset in wanted]
         for method, preset, loss, static in runs:
             label = (f"TRuST {loss.upper()}, {'static mask' if static else 'mask every step'}" if method == "trust"
                      else f"{method}, {preset} config")
@@ -530,11 +530,74 @@ def cmd_figures(args: argparse.Namespace) -> int:
             rows.append(report)
             (out / "figures.json").write_text(json.dumps(rows, indent=2))
     table = _table(rows)
-    header = (f"`python -m trust_engine figures --seeds {args.seeds} --methods {' '.join(args.methods)}` on {platform.machine()} with "
-              f"{torch_threads()} torch threads; judged by the testbed judge\n\n")
+    if args.methods != ["trust"]:  # the methods side by side: one row per method and config, the tasks as columns
+        table = _method_table(rows) + "\n\nEvery run:\n\n" + table
+    header = (f"`python -m trust_engine {' '.join(sys.argv[1:])}` on {_hardware()}; judged by the testbed judge "
+              f"with {args.seeds} image(s) per prompt\n\n")
     (out / "figures.md").write_text(header + table + "\n")
-    print(table)
+    print(header + table)
     return 0
+
+
+def _hardware() -> str:
+    """The machine the figures ran on: CPU architecture and cores, RAM, GPU (if used), torch version and threads."""
+    import platform
+
+    import torch
+
+    try:
+        ram = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal")) / 2**20
+        ram_text = f", {ram:.0f} GiB"
+    except (OSError, StopIteration, ValueError):
+        ram_text = ""
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{os.cpu_count()}-core {platform.machine()} CPU{ram_text}, {gpu}, torch {torch.__version__}, "
+            f"{torch_threads()} torch thread(s)")
+
+
+def _method_table(rows: list[dict]) -> str:
+    """Per method and config: what it changes, the config, its file on SD1.5 (methods.sizes, from the shapes),
+    and forget / preserve / seconds on each demo task."""
+    from .methods import PRESETS, WHAT_CHANGES, sizes
+
+    unet = sizes.sd15_unet()
+    trust_share = [r["rows_changed"] / r["rows_total"] for r in rows if r.get("method", "trust") == "trust"]
+    tasks = list(dict.fromkeys((r["concept"], r["mode"]) for r in rows))
+    groups: dict[tuple, dict] = {}
+    for r in rows:
+        method = r.get("method", "trust")
+        key = (method, r.get("preset") or "paper", r.get("loss", ""), r.get("static_mask", False))
+        groups.setdefault(key, {})[(r["concept"], r["mode"])] = r
+    head = "| method | what it changes | config | file on SD1.5 | " + " | ".join(
+        f"{c} ({m}): forget / preserve / time" for c, m in tasks) + " |"
+    lines = [head, "|" + "---|" * (4 + len(tasks))]
+    for (method, preset, loss, static), by_task in groups.items():
+        name = method + (f" {loss.upper()}" + (", static mask" if static else "") if method == "trust" else "")
+        values = PRESETS.get(method, {}).get(preset, {})
+        config = preset + (": " + ", ".join(f"{k}={v}" for k, v in values.items()) if values else " defaults")
+        if method == "trust":
+            share = max(trust_share) if trust_share else 0.05
+            size = (f"{sizes.file_bytes(sizes.layout('trust', unet, row_share=max(share, 1e-6))) / 2**20:.1f} MiB "
+                    f"at {100 * share:.1f} % of Q/K/V rows (the largest share here)")
+        else:
+            size = f"{sizes.file_bytes(sizes.layout(method, unet)) / 2**20:.1f} MiB"
+        cells = []
+        for task in tasks:
+            r = by_task.get(task)
+            cells.append("—" if r is None else
+                         f"{r['forget_rate_before']:.2f} → {r['forget_rate']:.2f} / "
+                         f"{r['preserve_accuracy_before']:.2f} → {r['preserve_accuracy']:.2f} / {r['seconds']:.0f} s")
+        lines.append(f"| {name} | {WHAT_CHANGES[method]} | {config} | {size} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _preset_choice(text: str) -> str:
+    """--presets entry: paper, testbed, or METHOD:PRESET (checked here, before any work)."""
+    method, sep, preset = text.rpartition(":")
+    if preset not in ("paper", "testbed") or (sep and method not in METHOD_NAMES):
+        raise argparse.ArgumentTypeError(f"{text!r}: give paper, testbed or METHOD:PRESET with METHOD one of "
+                                         f"{', '.join(METHOD_NAMES)}")
+    return text
 
 
 METHOD_NAMES = ("trust", "esd", "uce", "salun", "fia", "conceptprune")  # = trust_engine.methods.names() (a test
@@ -824,8 +887,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", choices=METHOD_NAMES, default=["trust"],
                    help="erasers to run on each task (default trust); each other method runs with each of its "
                         "--presets it has")
-    p.add_argument("--presets", nargs="+", choices=("paper", "testbed"), default=["paper", "testbed"],
-                   help="named configs of the other methods (default both: paper defaults, testbed-tuned)")
+    p.add_argument("--presets", nargs="+", type=_preset_choice, default=["paper", "testbed"],
+                   help="named configs of the other methods (default both: paper defaults, testbed-tuned); "
+                        "METHOD:PRESET (e.g. esd:testbed) limits that method to the presets named so")
     training_options(p, method=False)
     p.set_defaults(func=cmd_figures)
 

@@ -47,6 +47,8 @@ PRESETS["esd"]["testbed"] = {"iterations": 100, "lr": 1e-4, "ddim_steps": 20}
 # SalUn: 32 + 64 self-generated images, 5 epochs; lr 1e-4 leaves 0.90, 3e-4 erases (0.20) at a 26-point preserve
 # cost, 1e-3 erases at 71 points: no config tried erases and preserves
 PRESETS["salun"]["testbed"] = {"forget_images": 32, "preserve_images": 64, "gen_steps": 20, "epochs": 5, "lr": 3e-4}
+# FIA and ConceptPrune have no testbed preset: no mask of theirs erases "triangle" on the testbed's UNet, where even
+# zeroing every ff.net.2 weight leaves it drawn (forget 0.40; tools/prune_limit.py, README "The other erasers")
 
 
 class UnknownMethodError(ValueError):
