@@ -1,6 +1,7 @@
 """Tier 2 in a real AUTOMATIC1111 (see conftest.py): the extension loads, the tab builds under the web UI's gradio,
 the routes answer, a run writes a file the Lora list shows, <lora:x:1> changes the image and <lora:x:0> does not,
-and Interrupt stops a run with nothing written and the model unchanged."""
+Interrupt stops a run with nothing written and the model unchanged (after the live curves showed in the progress),
+the "TRuST delta" script adds the tag, and Bake writes a checkpoint that generates like the base with the tag."""
 
 import base64
 import io
@@ -147,7 +148,8 @@ def test_interrupt_stops_a_run_with_nothing_written(webui, delta):
 
 def test_the_tab_erases_in_a_browser(webui, delta, tmp_path):
     """The tab as a user drives it (headless Chromium through playwright; skipped without them): fill the inputs,
-    Erase, the tag appears. A1111_SCREENSHOT_DIR keeps a screenshot of the tab (the README's)."""
+    Erase, the live curves show while it trains, the tag appears. A1111_SCREENSHOT_DIR keeps a screenshot of the
+    tab (the README's)."""
     import os
     import shutil
 
@@ -162,16 +164,19 @@ def test_the_tab_erases_in_a_browser(webui, delta, tmp_path):
             page.goto(webui.url, timeout=120_000)
             page.locator("#tabs > .tab-nav button", has_text="TRuST").click(timeout=120_000)
             page.fill("#trust_concepts textarea", "a red circle")
-            for elem, value in (("trust_steps", "2"), ("trust_training_images", "2"), ("trust_resolution", "64"),
+            for elem, value in (("trust_steps", "20"), ("trust_training_images", "2"), ("trust_resolution", "64"),
                                 ("trust_learning_rate", "0.05"), ("trust_seed", "5")):  # seed 5: not a reuse of RUN's file
                 box = page.locator(f"#{elem} input[type=number]").first
                 box.fill(value)
                 box.press("Tab")
             page.fill("#trust_file_name textarea, #trust_file_name input", "tier2_tab")
             page.click("#trust_erase")
+            # while it trains, the curves come as the web UI's live preview over the curves image (trust.js)
+            page.wait_for_selector("#trust_curves .livePreview img", timeout=240_000)
             page.wait_for_function(
                 "() => (document.querySelector('#trust_tag textarea') || {}).value === '<lora:tier2_tab:1>'",
                 timeout=240_000)
+            page.wait_for_function("() => !document.querySelector('#trust_curves .livePreview')", timeout=60_000)
             report = page.input_value("#trust_report textarea")
             assert "Saved tier2_tab.safetensors" in report
             assert (webui.lora_dir / "TRuST" / "tier2_tab.safetensors").is_file()
