@@ -1,49 +1,66 @@
-"""API routes: POST /trust/v1/unlearn (queue-locked like txt2img; progress and interrupt through /sdapi/v1/progress
-and /sdapi/v1/interrupt) and GET /trust/v1/deltas."""
+"""API routes: POST /trust/v1/unlearn and POST /trust/v1/bake (queue-locked like txt2img; progress and interrupt
+through /sdapi/v1/progress and /sdapi/v1/interrupt) and GET /trust/v1/deltas."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from . import host, run
+from . import bake, host, run
 
 
-def request_model():
-    """A pydantic model of run.Request (pydantic 1 in AUTOMATIC1111 v1.8, 2 in newer stacks)."""
+def request_model(request_class=run.Request, name: str = "TrustUnlearnRequest"):
+    """A pydantic model of a request dataclass (pydantic 1 in AUTOMATIC1111 v1.8, 2 in newer stacks)."""
     import pydantic
 
     fields = {}
-    for f in dataclasses.fields(run.Request):
+    for f in dataclasses.fields(request_class):
         default = f.default if f.default is not dataclasses.MISSING else ...
         kind = type(f.default) if f.default is not dataclasses.MISSING else str
         fields[f.name] = (kind, default)
-    return pydantic.create_model("TrustUnlearnRequest", **fields)
+    return pydantic.create_model(name, **fields)
 
 
-def mount(demo, app) -> None:
+def locked(job_name: str, work):
+    """Run work() holding the web UI's queue lock with shared.state begun/ended, as /sdapi/v1/txt2img does; the
+    engine's errors as HTTP answers (422 bad input or a model that does not fit, 409 interrupted)."""
     from fastapi import HTTPException
     from modules import call_queue, shared
 
+    with call_queue.queue_lock:
+        shared.state.begin(job=job_name)
+        try:
+            return work()
+        except host.Interrupted as e:
+            raise HTTPException(status_code=409, detail=str(e)) from None
+        except ValueError as e:  # bad inputs, a model TRuST cannot use (HostModelError), another base model
+            raise HTTPException(status_code=422, detail=str(e)) from None
+        finally:
+            shared.state.end()
+
+
+def values(body) -> dict:
+    return body.dict() if hasattr(body, "dict") else body.model_dump()
+
+
+def mount(demo, app) -> None:
+    from modules import shared
+
     Body = request_model()
+    BakeBody = request_model(bake.BakeRequest, "TrustBakeRequest")
 
     def unlearn(body: Body):  # a plain def: FastAPI runs it in a thread, so progress/interrupt stay answerable
-        values = body.dict() if hasattr(body, "dict") else body.model_dump()
-        with call_queue.queue_lock:
-            shared.state.begin(job="trust_unlearn")
-            try:
-                out = run.unlearn(run.Request(**values))
-            except host.Interrupted as e:
-                raise HTTPException(status_code=409, detail=str(e)) from None
-            except ValueError as e:  # bad inputs, a model TRuST cannot train (HostModelError), concept errors
-                raise HTTPException(status_code=422, detail=str(e)) from None
-            finally:
-                shared.state.end()
-        return {k: v for k, v in out.items()}
+        return locked("trust_unlearn", lambda: run.unlearn(run.Request(**values(body))))
 
-    unlearn.__annotations__["body"] = Body  # a real class, not the string `from __future__ import annotations` makes
+    def bake_route(body: BakeBody):
+        return locked("trust_bake", lambda: bake.bake(bake.BakeRequest(**values(body))))
+
+    # real classes, not the strings `from __future__ import annotations` makes
+    unlearn.__annotations__["body"] = Body
+    bake_route.__annotations__["body"] = BakeBody
 
     def deltas():
         return {"deltas": run.list_deltas(shared)}
 
     app.add_api_route("/trust/v1/unlearn", unlearn, methods=["POST"])
+    app.add_api_route("/trust/v1/bake", bake_route, methods=["POST"])
     app.add_api_route("/trust/v1/deltas", deltas, methods=["GET"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import sys
+import time
 from collections.abc import Iterator
 
 import torch
@@ -258,9 +259,13 @@ class HostProgress:
     """The engine's progress callback for the web UI: shared.state's job/step/textinfo (the UI's own progress bar
     and /sdapi/v1/progress), a record of the curves, and interruption (Interrupt / /sdapi/v1/interrupt)."""
 
-    def __init__(self, state, prepare: int, steps: int) -> None:
-        self.state, self.prepare, self.total = state, prepare, prepare + steps
+    # the curves are redrawn at most this often (seconds) while training; the last step always draws
+    CURVES_EVERY = 1.0
+
+    def __init__(self, state, prepare: int, steps: int, title: str = "") -> None:
+        self.state, self.prepare, self.total, self.title = state, prepare, prepare + steps, title
         self.history: list[dict] = []
+        self.drawn_at = 0.0
         state.job = "TRuST unlearning"
         state.job_count = 1
         state.job_no = 0
@@ -275,3 +280,18 @@ class HostProgress:
         self.state.textinfo = f"TRuST {event.stage} {event.step}/{event.total}: {event.message}".strip()
         if event.stage != "prepare" and event.metrics:
             self.history.append({"step": event.step, **event.metrics})
+            if event.stage == "unlearn":
+                self.draw_curves(force=event.finished)
+
+    def draw_curves(self, force: bool = False) -> None:
+        """The loss / forget-score curves so far as the web UI's live preview (state.assign_current_image): the tab
+        shows it over its curves image and /sdapi/v1/progress returns it as current_image."""
+        now = time.monotonic()
+        if not hasattr(self.state, "assign_current_image") or (not force and now - self.drawn_at < self.CURVES_EVERY):
+            return
+        from PIL import Image
+
+        from ..trust_engine.render import training_curves
+
+        self.drawn_at = now
+        self.state.assign_current_image(Image.fromarray(training_curves(self.history, self.title)))

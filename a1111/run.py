@@ -43,14 +43,15 @@ class Request:
 
 def web_ui_modules() -> types.SimpleNamespace:
     """The web UI modules the adapter uses (imported only inside the web UI)."""
-    from modules import devices, prompt_parser, sd_hijack, shared
+    from modules import devices, prompt_parser, sd_hijack, sd_models, shared
 
     try:
         from modules import sd_unet
     except ImportError:
         sd_unet = None
     return types.SimpleNamespace(shared=shared, devices=devices, prompt_parser=prompt_parser, sd_hijack=sd_hijack,
-                                 sd_unet=sd_unet, paths=sys.modules.get("modules.paths"))
+                                 sd_unet=sd_unet, sd_models=sd_models,
+                                 paths=sys.modules.get("modules.paths"))
 
 
 def lora_root(shared) -> str:
@@ -76,6 +77,10 @@ def aligner_names(shared) -> list[str]:
     if not os.path.isdir(root):
         return []
     return [d for d in sorted(os.listdir(root)) if os.path.isfile(os.path.join(root, d, "config.json"))]
+
+
+def curves_title(request: Request) -> str:
+    return f"TRuST ({request.loss}): {request.concepts.strip().splitlines()[0] if request.concepts.strip() else ''}"
 
 
 def refresh_lora_list() -> None:
@@ -110,7 +115,8 @@ def unlearn(request: Request, modules=None) -> dict:
                                next(sd_model.model.diffusion_model.parameters()).device)
     resolution = request.resolution or job.NATIVE_RESOLUTION[family]
     folder = delta_folder(shared)
-    progress = host.HostProgress(shared.state, config.forget_images + config.preserve_images, config.steps)
+    progress = host.HostProgress(shared.state, config.forget_images + config.preserve_images, config.steps,
+                                 curves_title(request))
     with host.attention_for_training(modules.sd_hijack, shared.opts):
         host.restore_lora_patches(sd_model)
         base = host.effective_site_weights(sd_model)

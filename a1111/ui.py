@@ -7,7 +7,8 @@ import html
 
 from ..trust_engine import ranges
 from ..trust_engine.render import training_curves
-from . import host, run
+from . import bake as bake_module
+from . import delta_script, host, run
 
 MODES = list(ranges.RANGES["mode"].choices)
 LOSSES = [c.upper() for c in ranges.RANGES["loss"].choices]
@@ -30,15 +31,24 @@ def erase(id_task, concepts, mode, loss, steps, learning_rate, relative_lr, beta
         out = run.unlearn(request)
     except host.Interrupted as e:
         return "", None, f"Interrupted: {e}", "", ""
-    curves = training_curves(out["history"], f"TRuST ({loss}): {concepts.strip().splitlines()[0]}") \
-        if out["history"] else None
+    curves = training_curves(out["history"], run.curves_title(request)) if out["history"] else None
     # the last output is the error/performance HTML that wrap_gradio_call fills
     return out["tag"], curves, out["report"], f"<p>{html.escape(out['file'])}</p>", ""
 
 
+def bake(id_task, delta, strength, file_name):
+    """The Bake button (under wrap_gradio_gpu_call, like Erase): a new checkpoint with the delta merged in. Returns
+    the report and the (empty) error HTML."""
+    try:
+        out = bake_module.bake(bake_module.BakeRequest(delta=delta, strength=float(strength), file_name=file_name))
+    except host.Interrupted as e:
+        return f"Interrupted: {e}", ""
+    return out["report"], ""
+
+
 def tabs():
     import gradio as gr
-    from modules import call_queue, shared
+    from modules import call_queue, shared, ui_common
 
     with gr.Blocks(analytics_enabled=False) as block:
         with gr.Row():
@@ -73,6 +83,23 @@ def tabs():
                 with gr.Row():
                     interrupt = gr.Button("Interrupt", elem_id="trust_interrupt")
                     start = gr.Button("Erase", variant="primary", elem_id="trust_erase")
+                with gr.Accordion("Bake a delta into a new checkpoint", open=False, elem_id="trust_bake_panel"):
+                    with gr.Row():
+                        bake_delta = gr.Dropdown(delta_script.choices(shared), value=delta_script.NONE,
+                                                 label="Delta (TRuST files in the Lora folder)",
+                                                 elem_id="trust_bake_delta")
+                        ui_common.create_refresh_button(bake_delta, lambda: None,
+                                                        lambda: {"choices": delta_script.choices(shared)},
+                                                        "trust_bake_refresh")
+                        bake_strength = gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label="Strength",
+                                                  elem_id="trust_bake_strength")
+                    with gr.Row():
+                        bake_name = gr.Textbox(label="New checkpoint name (empty = <checkpoint>_<delta>)",
+                                               elem_id="trust_bake_name")
+                        bake_start = gr.Button("Bake into the loaded checkpoint", elem_id="trust_bake")
+                    bake_report = gr.Textbox(label="Bake report", lines=3, interactive=False,
+                                             elem_id="trust_bake_report")
+                    bake_error = gr.HTML(elem_id="trust_bake_error")
             with gr.Column(variant="panel"):
                 gr.HTML(elem_id="trust_progress")  # trust.js writes shared.state.textinfo here
                 output = gr.HTML(elem_id="trust_output")
@@ -87,6 +114,8 @@ def tabs():
                   training_images, resolution, preserve, file_name, aligner]
         start.click(fn=call_queue.wrap_gradio_gpu_call(erase, extra_outputs=["", None, "", ""]),
                     _js="trust_start", inputs=inputs, outputs=[tag, curves, report, output, error])
+        bake_start.click(fn=call_queue.wrap_gradio_gpu_call(bake, extra_outputs=[""]), _js="trust_bake_start",
+                         inputs=[id_task, bake_delta, bake_strength, bake_name], outputs=[bake_report, bake_error])
         interrupt.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])
         send.click(fn=None, _js="trust_send_to_txt2img", inputs=[tag], outputs=[])
     return [(block, "TRuST", "trust")]

@@ -1,11 +1,22 @@
-// TRuST tab: progress through the web UI's own progress API (like textual inversion training) and "send to txt2img".
+// TRuST tab: progress through the web UI's own progress API (like textual inversion training), the live loss /
+// forget-score curves (the run's live preview, drawn over the curves image), Bake, and "send to txt2img".
 
 function trust_start() {
     gradioApp().querySelector('#trust_error').innerHTML = '';
     var id = randomId();
-    requestProgress(id, gradioApp().getElementById('trust_output'), null, function() {}, function(progress) {
-        gradioApp().getElementById('trust_progress').innerHTML = progress.textinfo || '';
-    });
+    requestProgress(id, gradioApp().getElementById('trust_output'), gradioApp().getElementById('trust_curves'),
+        function() {}, function(progress) {
+            gradioApp().getElementById('trust_progress').innerHTML = progress.textinfo || '';
+        });
+    var res = Array.from(arguments);
+    res[0] = id;
+    return res;
+}
+
+function trust_bake_start() {
+    gradioApp().querySelector('#trust_bake_error').innerHTML = '';
+    var id = randomId();
+    requestProgress(id, gradioApp().getElementById('trust_bake_error'), null, function() {});
     var res = Array.from(arguments);
     res[0] = id;
     return res;

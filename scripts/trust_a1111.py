@@ -1,6 +1,7 @@
 """AUTOMATIC1111 entry point: the web UI runs every scripts/*.py of an extension. The repository root is a Python
 package (ComfyUI imports it by its folder name, which may contain '-'), so it is imported here under a fixed name and
-the AUTOMATIC1111 side (a1111/) registers its tab, settings and API routes."""
+the AUTOMATIC1111 side (a1111/) registers its tab, settings and API routes. The web UI also instantiates every
+scripts.Script subclass found in this module: TrustDeltaScript is the AlwaysVisible "TRuST delta" of txt2img/img2img."""
 
 import importlib
 import importlib.util
@@ -27,3 +28,4 @@ def _package():
 
 _package()
 importlib.import_module(PACKAGE + ".a1111.extension").register()
+TrustDeltaScript = importlib.import_module(PACKAGE + ".a1111.delta_script").script_class()

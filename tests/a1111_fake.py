@@ -4,14 +4,17 @@ bundled testbed, for tier-1 tests; tier 2 (tests/a1111/) runs the real web UI.
 What it imitates: `shared.sd_model` as an ldm LatentDiffusion (model.diffusion_model called as (x, timesteps,
 context, y), get_learned_conditioning(SdConditioning), first_stage_model.decode, scale_factor, alphas_cumprod[_original],
 parameterization, is_sd1/is_sd2/is_sdxl), `shared.state` / `opts` / `cmd_opts`, `devices.autocast`,
-`sd_hijack.undo_optimizations/apply_optimizations` (recorded, to check they come in pairs), `sd_unet.current_unet`, and
-the built-in Lora extension's in-place patching with its per-layer backups (`networks`). The fake's diffusion_model
+`sd_hijack.undo_optimizations/apply_optimizations` (recorded, to check they come in pairs), `sd_unet.current_unet`,
+`sd_models` (checkpoint folder, read_state_dict, list_models) with the model's checkpoint file in LDM layout, the live
+preview (`state.assign_current_image`), and the built-in Lora extension's in-place patching with its per-layer
+backups (`networks`). The fake's diffusion_model
 keeps diffusers module names (the real one has LDM names); the engine maps both.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import types
 
@@ -94,6 +97,8 @@ class State:
         self.textinfo = None
         self.interrupt_after: int | None = None  # interrupt when sampling_step reaches this (set by tests)
         self.seen: list[tuple[int, int, str]] = []
+        self.current_image = None
+        self.images: list = []
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
@@ -104,6 +109,11 @@ class State:
 
     def interrupt(self):
         self.interrupted = True
+
+    def assign_current_image(self, image):
+        """The live preview (/internal/progress, /sdapi/v1/progress current_image); recorded for tests."""
+        self.current_image = image
+        self.images.append(image)
 
 
 class SdHijack:
@@ -145,12 +155,67 @@ class Networks:
         module.network_current_names = ((name, 1.0, 1.0, None),)
 
 
+class CheckpointInfo:
+    def __init__(self, filename: str):
+        self.filename = filename
+        self.title = self.name = os.path.basename(filename)
+
+
+class SdModels:
+    """sd_models: the checkpoint folder, its reader (read_state_dict) and list refresh (list_models)."""
+
+    def __init__(self, model_path: str):
+        self.model_path = model_path
+        self.listed = 0
+        self.read: list[str] = []
+
+    def read_state_dict(self, checkpoint_file, print_global_state=False, map_location=None):
+        from safetensors.torch import load_file
+
+        self.read.append(checkpoint_file)
+        return load_file(checkpoint_file, device=map_location or "cpu")
+
+    def list_models(self):
+        self.listed += 1
+
+
+def write_checkpoint(unet, path: str, extra: dict | None = None) -> dict:
+    """A single-file checkpoint of the fake model in the LDM layout the web UI reads: the UNet's block skeleton (small
+    tensors), its cross-attention weights under their LDM names, and a few VAE / text-encoder tensors (one pair
+    sharing memory, as a .ckpt may hold). Returns the state dict written."""
+    from safetensors.torch import save_file
+
+    from trust_engine.unet_view import find_sites
+
+    prefix = "model.diffusion_model."
+    lpb, levels = unet.config.layers_per_block, len(unet.config.down_block_types)
+    n = levels * (lpb + 1)
+    g = torch.Generator().manual_seed(0)
+    sd = {f"{prefix}input_blocks.{i}.0.weight": torch.randn(3, generator=g) for i in range(n)}
+    sd |= {f"{prefix}output_blocks.{i}.0.in_layers.0.weight": torch.randn(3, generator=g) for i in range(n)}
+    for level in range(levels - 1):
+        sd[f"{prefix}input_blocks.{(level + 1) * (lpb + 1)}.0.op.weight"] = torch.randn(2, generator=g)
+        sd[f"{prefix}output_blocks.{level * (lpb + 1) + lpb}.2.conv.weight"] = torch.randn(2, generator=g)
+    for site in find_sites(unet, include_out=True):
+        sd[f"{prefix}{site.name}.weight"] = unet.get_submodule(site.diffusers_name).weight.detach().clone()
+    sd["first_stage_model.decoder.conv_out.weight"] = torch.randn(4, 4, generator=g)
+    sd["cond_stage_model.transformer.text_model.final_layer_norm.weight"] = torch.randn(8, generator=g)
+    sd.update(extra or {})
+    save_file({k: v.contiguous() for k, v in sd.items()}, path)
+    return sd
+
+
 def make_modules(pipe, lora_dir: str, **cmd) -> types.SimpleNamespace:
     """The namespace of web UI modules the adapter takes (shared, devices, prompt_parser, sd_hijack, sd_unet)."""
     from trust_engine.testbed import paths
 
     unet = A1111StyleUNet.from_pretrained(paths.PIPELINE / "unet", local_files_only=True).eval().requires_grad_(False)
     sd_model = LatentDiffusion(pipe, unet).requires_grad_(False)
+    checkpoints = os.path.join(os.path.dirname(lora_dir), "Stable-diffusion")
+    os.makedirs(checkpoints, exist_ok=True)
+    checkpoint = os.path.join(checkpoints, "tiny.safetensors")
+    write_checkpoint(unet, checkpoint)
+    sd_model.sd_checkpoint_info = CheckpointInfo(checkpoint)
     shared = types.SimpleNamespace(
         sd_model=sd_model, state=State(),
         opts=types.SimpleNamespace(training_xattention_optimizations=False, trust_lora_subfolder="TRuST"),
@@ -161,7 +226,7 @@ def make_modules(pipe, lora_dir: str, **cmd) -> types.SimpleNamespace:
     return types.SimpleNamespace(shared=shared, devices=devices,
                                  prompt_parser=types.SimpleNamespace(SdConditioning=SdConditioning),
                                  sd_hijack=SdHijack(), sd_unet=types.SimpleNamespace(current_unet=None),
-                                 networks=Networks())
+                                 networks=Networks(), sd_models=SdModels(checkpoints))
 
 
 @contextlib.contextmanager

@@ -250,3 +250,163 @@ def test_token_input_gives_the_prompts_cond_and_a_gradient_without_touching_the_
         tokens.encode("circle", soft).square().sum().backward()
         assert soft.grad is not None and float(soft.grad.abs().sum()) > 0
     assert digest(encoder) == before and all(p.grad is None for p in encoder.parameters())
+
+
+# --- the AlwaysVisible "TRuST delta" script ------------------------------------------------------------------------
+
+
+class Processing:
+    """What the script reads and writes of StableDiffusionProcessing (txt2img with hires fix)."""
+
+    def __init__(self, sd_model, prompts):
+        self.sd_model, self.all_prompts, self.all_hr_prompts = sd_model, list(prompts), list(prompts)
+        self.comments: dict[str, int] = {}
+
+    def comment(self, text):
+        self.comments[text] = 1
+
+
+@pytest.fixture()
+def script(pack):
+    module = importlib.import_module(PACK + ".a1111.delta_script")
+    module._MODEL_FINGERPRINTS.clear()
+    return module
+
+
+def test_the_delta_script_adds_the_tag_and_stays_quiet_on_the_base_it_was_made_for(pack, web, script):
+    pack.run.unlearn(request(pack, file_name="no circles"), web)
+    assert script.choices(web.shared) == [script.NONE, "no circles"]
+    p = Processing(web.shared.sd_model, ["a red circle", "", "a cat <lora:no circles:0.3>"])
+    assert script.process(p, True, "no circles", 0.75, web.shared) is None
+    assert p.all_prompts == ["a red circle <lora:no circles:0.75>", "<lora:no circles:0.75>",
+                             "a cat <lora:no circles:0.3>"]  # a prompt naming the Lora already keeps its own tag
+    assert p.all_hr_prompts == p.all_prompts and p.comments == {}
+    off = Processing(web.shared.sd_model, ["a red circle"])
+    script.process(off, False, "no circles", 1.0, web.shared)
+    script.process(off, True, script.NONE, 1.0, web.shared)
+    assert off.all_prompts == ["a red circle"]
+    with pytest.raises(ValueError, match="not in the Lora folder"):
+        script.process(off, True, "gone", 1.0, web.shared)
+
+
+def test_the_delta_script_warns_on_another_base_and_notes_a_lightly_modified_one(pack, web, script):
+    pack.run.unlearn(request(pack, file_name="no circles"), web)
+    model = web.shared.sd_model
+    sites = [m for n, m in unet_of(web).named_modules() if n.endswith(("attn2.to_q", "attn2.to_k", "attn2.to_v"))]
+    with torch.no_grad():
+        sites[0].weight[0, :4].neg_()  # a few weights of one site: the same base, lightly modified
+    model.sd_model_hash = "lightly modified"
+    p = Processing(model, ["a red circle"])
+    note = script.process(p, True, "no circles", 1.0, web.shared)
+    assert "lightly modified" in note and "WARNING" not in note and note in p.comments
+    assert p.all_prompts == ["a red circle <lora:no circles:1>"]
+    with torch.no_grad():
+        for m in sites:
+            m.weight.neg_()  # every sign flipped: another model
+    model.sd_model_hash = "another model"
+    p = Processing(model, ["a red circle"])
+    warning = script.process(p, True, "no circles", 1.0, web.shared)
+    assert warning.startswith("TRuST WARNING: no circles was made for another base model") and warning in p.comments
+    assert p.all_prompts == ["a red circle <lora:no circles:1>"]  # applied anyway, as the Lora tab would
+
+
+# --- Bake ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def baker(pack):
+    return importlib.import_module(PACK + ".a1111.bake")
+
+
+def checkpoints(web):
+    return sorted(p.name for p in Path(web.sd_models.model_path).iterdir())
+
+
+def test_bake_writes_a_new_checkpoint_with_the_delta_merged_and_leaves_the_model_alone(pack, web, baker):
+    from safetensors.torch import load_file
+
+    from trust_engine.delta import Delta
+
+    pack.run.unlearn(request(pack, file_name="no circles"), web)
+    before = digest(web.shared.sd_model)
+    source = load_file(web.shared.sd_model.sd_checkpoint_info.filename)
+    Path(web.sd_models.model_path, "tiny.yaml").write_text("model: {}\n")  # a model config beside the base
+    out = baker.bake(baker.BakeRequest(delta="no circles", strength=0.5), web)
+    assert digest(web.shared.sd_model) == before
+    assert checkpoints(web) == ["tiny.safetensors", "tiny.yaml", "tiny_no circles.safetensors",
+                                "tiny_no circles.yaml"] and web.sd_models.listed == 1
+    assert "tiny_no circles.safetensors" in out["report"] and "loaded model is unchanged" in out["report"]
+    baked = load_file(out["file"])
+    assert set(baked) == set(source)
+    delta = Delta.load(Path(web.shared.cmd_opts.lora_dir) / "TRuST" / "no circles.safetensors")
+    changed = {f"model.diffusion_model.{n}" for n in delta.diffs()}
+    assert changed and changed <= set(source)
+    for key, tensor in source.items():
+        if key not in changed:
+            assert torch.equal(baked[key], tensor), key
+            continue
+        name = key.removeprefix("model.diffusion_model.")
+        expected = (tensor.float() + 0.5 * delta.diffs()[name].float()).to(tensor.dtype)
+        assert torch.equal(baked[key], expected) and not torch.equal(baked[key], tensor), key
+    again = baker.bake(baker.BakeRequest(delta="no circles", strength=0.5), web)  # never overwrites
+    assert Path(again["file"]).name == "tiny_no circles_2.safetensors"
+    assert web.shared.state.job == "TRuST bake" and web.shared.state.sampling_step == 3
+
+
+def test_bake_refuses_a_delta_made_for_another_base_and_writes_nothing(pack, web, baker):
+    import a1111_fake
+
+    pack.run.unlearn(request(pack, file_name="no circles"), web)
+    unet = unet_of(web)
+    other = Path(web.sd_models.model_path) / "other.safetensors"
+    flipped = {f"model.diffusion_model.{s.name}.weight": -unet.get_submodule(s.diffusers_name).weight.detach()
+               for s in pack.host.find_sites(unet, include_out=True)}  # every sign flipped: another model
+    a1111_fake.write_checkpoint(unet, str(other), extra=flipped)
+    web.shared.sd_model.sd_checkpoint_info = a1111_fake.CheckpointInfo(str(other))
+    with pytest.raises(ValueError, match="another base model .* nothing was written"):
+        baker.bake(baker.BakeRequest(delta="no circles"), web)
+    assert checkpoints(web) == ["other.safetensors", "tiny.safetensors"] and web.sd_models.listed == 0
+
+
+def test_bake_refuses_bad_input_and_stops_when_interrupted(pack, web, baker):
+    pack.run.unlearn(request(pack, file_name="no circles"), web)
+    with pytest.raises(ValueError, match="strength"):
+        baker.bake(baker.BakeRequest(delta="no circles", strength=7.0), web)
+    with pytest.raises(ValueError, match="choose the TRuST delta"):
+        baker.bake(baker.BakeRequest(delta=""), web)
+    with pytest.raises(ValueError, match="not in the Lora folder"):
+        baker.bake(baker.BakeRequest(delta="missing"), web)
+    web.shared.state.interrupt_after = 1  # once the checkpoint is read
+    with pytest.raises(pack.host.Interrupted, match="no checkpoint was written"):
+        baker.bake(baker.BakeRequest(delta="no circles"), web)
+    assert checkpoints(web) == ["tiny.safetensors"] and web.sd_models.listed == 0
+
+
+# --- live curves ---------------------------------------------------------------------------------------------------
+
+
+def test_the_curves_are_drawn_live_as_the_web_uis_preview(pack, web, monkeypatch):
+    import numpy as np
+
+    from trust_engine.render import training_curves
+
+    monkeypatch.setattr(pack.host.HostProgress, "CURVES_EVERY", 0.0)
+    out = pack.run.unlearn(request(pack, steps=3), web)
+    images = web.shared.state.images
+    assert len(images) == 3  # one per training step (none while the data is generated)
+    assert [np.asarray(images[i]).shape for i in range(3)] == [(256, 512, 3)] * 3
+    title = pack.run.curves_title(request(pack))
+    assert np.array_equal(np.asarray(images[-1]), training_curves(out["history"], title))
+    assert not np.array_equal(np.asarray(images[0]), np.asarray(images[-1]))  # it grows step by step
+
+
+def test_the_curves_are_throttled_but_the_last_step_always_draws(pack, web, monkeypatch):
+    import numpy as np
+
+    from trust_engine.render import training_curves
+
+    monkeypatch.setattr(pack.host.HostProgress, "CURVES_EVERY", 1e12)  # never due: only the last step draws
+    out = pack.run.unlearn(request(pack, steps=3), web)
+    images = web.shared.state.images
+    assert len(images) == 1
+    assert np.array_equal(np.asarray(images[-1]), training_curves(out["history"], pack.run.curves_title(request(pack))))

@@ -137,6 +137,34 @@ def test_short_run_lowers_the_concepts_aligner_score(testbed):
     assert scores and scores[-1] < result.forget_score_before - 1.0, result.notes
 
 
+def test_aligner_text_features_do_not_depend_on_the_transformers_pooling(testbed, monkeypatch):
+    """transformers 4.30 (AUTOMATIC1111's pin) pooled CLIP's text feature at the highest token id, which is the end
+    token only when it is the vocabulary's last (not the testbed aligner's): the score must not change with that."""
+    pipe, parts, aligner = testbed
+    prompts = ["a triangle", "a red circle on a blue square"]
+    model = aligner.model
+    ids = aligner.tokenizer(prompts, padding="max_length", max_length=aligner.tokenizer.model_max_length,
+                            return_tensors="pt").input_ids
+    assert (ids.argmax(-1) != (ids == aligner.tokenizer.eos_token_id).int().argmax(-1)).all()  # they differ here
+    with torch.no_grad():
+        expected = aligner.text_features(prompts)
+        import transformers
+        from packaging.version import Version
+
+        if Version(transformers.__version__) >= Version("4.31"):  # pools at the end token: the reference
+            from trust_engine.parts import features_of
+
+            assert torch.equal(expected, features_of(model.get_text_features(input_ids=ids)))
+
+    def legacy_get_text_features(input_ids, **kwargs):
+        hidden = model.text_model(input_ids=input_ids)[0]
+        return model.text_projection(hidden[torch.arange(input_ids.shape[0]), input_ids.argmax(dim=-1)])
+
+    monkeypatch.setattr(model, "get_text_features", legacy_get_text_features)
+    with torch.no_grad():
+        assert torch.equal(aligner.text_features(prompts), expected)
+
+
 def test_bad_inputs_get_specific_errors(testbed, tmp_path):
     pipe, parts, aligner = testbed
     with pytest.raises(concepts.ConceptError, match="type the concept"):

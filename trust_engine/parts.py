@@ -183,7 +183,12 @@ class Aligner:
         device = next(self.model.parameters()).device
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids.to(device)
-        return features_of(self.model.get_text_features(input_ids=ids))
+        # CLIP's text feature is the end-of-text token's: pooled here at the tokenizer's end token, as transformers
+        # >= 4.31 does. transformers 4.30 (AUTOMATIC1111's pin) took the highest token id instead, which is the end
+        # token only in vocabularies where it is the last one (the testbed aligner's is id 1).
+        hidden = self.model.text_model(input_ids=ids)[0]
+        end = (ids == self.tokenizer.eos_token_id).int().argmax(dim=-1)
+        return self.model.text_projection(hidden[torch.arange(ids.shape[0], device=device), end])
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """images: Bx3xHxW in [0, 1], differentiable."""

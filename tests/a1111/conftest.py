@@ -99,7 +99,7 @@ def webui():
             try:
                 if requests.get(url + "/sdapi/v1/sd-models", timeout=5).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not up yet, or busy starting on loaded cores
                 pass
             if time.time() > deadline:
                 pytest.fail("the web UI did not start in 300 s:\n" + log.read_text()[-4000:])

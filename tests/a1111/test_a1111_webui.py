@@ -1,6 +1,7 @@
 """Tier 2 in a real AUTOMATIC1111 (see conftest.py): the extension loads, the tab builds under the web UI's gradio,
 the routes answer, a run writes a file the Lora list shows, <lora:x:1> changes the image and <lora:x:0> does not,
-and Interrupt stops a run with nothing written and the model unchanged."""
+Interrupt stops a run with nothing written and the model unchanged (after the live curves showed in the progress),
+the "TRuST delta" script adds the tag, and Bake writes a checkpoint that generates like the base with the tag."""
 
 import base64
 import io
@@ -14,13 +15,21 @@ RUN = dict(concepts="a red circle", mode="individual", loss="CIP", steps=2, trai
            learning_rate=0.05, file_name="tier2_red_circle")
 
 
-def image(webui, prompt: str) -> np.ndarray:
+def generate(webui, prompt: str, **extra) -> tuple[np.ndarray, dict]:
+    import json
+
     from PIL import Image
 
     r = webui.post("/sdapi/v1/txt2img", json={"prompt": prompt, "negative_prompt": "", "steps": 3, "width": 64,
-                                              "height": 64, "seed": 7, "sampler_name": "Euler", "cfg_scale": 7})
+                                              "height": 64, "seed": 7, "sampler_name": "Euler", "cfg_scale": 7,
+                                              **extra})
     assert r.status_code == 200, r.text
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB"))
+    pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0]))).convert("RGB"))
+    return pixels, json.loads(r.json()["info"])
+
+
+def image(webui, prompt: str, **extra) -> np.ndarray:
+    return generate(webui, prompt, **extra)[0]
 
 
 def deltas(webui):
@@ -32,7 +41,10 @@ def test_extension_loads_and_the_tab_builds(webui):
     assert r.status_code == 200 and r.json() == {"deltas": []}
     config = webui.get("/config").json()
     ids = {c.get("props", {}).get("elem_id") for c in config["components"]}
-    assert {"trust_erase", "trust_interrupt", "trust_concepts", "trust_tag"} <= ids
+    assert {"trust_erase", "trust_interrupt", "trust_concepts", "trust_tag", "trust_curves", "trust_bake",
+            "trust_bake_delta", "trust_bake_strength"} <= ids
+    # the AlwaysVisible "TRuST delta" script, in txt2img and img2img
+    assert {f"trust_delta_{tab}_{part}" for tab in ("txt2img", "img2img") for part in ("enable", "file", "strength")} <= ids
     scripts = webui.get("/").text
     assert "trust.js" in scripts or "trust_start" in scripts
 
@@ -114,12 +126,19 @@ def test_interrupt_stops_a_run_with_nothing_written(webui, delta):
     deadline = time.time() + 120
     seen = None
     while time.time() < deadline:
-        state = webui.get("/sdapi/v1/progress?skip_current_image=true").json()["state"]
-        if state.get("job") == "TRuST unlearning" and state.get("sampling_step", 0) > 0:
-            seen = state
+        progress = webui.get("/sdapi/v1/progress").json()
+        state = progress["state"]
+        # training has begun once the live curves are there (the web UI's live preview, drawn from the run's steps)
+        if state.get("job") == "TRuST unlearning" and progress.get("current_image"):
+            seen = progress
             break
         time.sleep(0.2)
-    assert seen is not None, "the run never showed up in /sdapi/v1/progress"
+    assert seen is not None, "the run never showed its curves in /sdapi/v1/progress"
+    from PIL import Image
+
+    curves = Image.open(io.BytesIO(base64.b64decode(seen["current_image"])))
+    assert curves.size == (512, 256)
+    assert "unlearn" in seen["textinfo"]
     assert webui.post("/sdapi/v1/interrupt").status_code == 200
     thread.join(300)
     assert result["r"].status_code == 409 and "nothing was saved" in result["r"].text
@@ -129,7 +148,8 @@ def test_interrupt_stops_a_run_with_nothing_written(webui, delta):
 
 def test_the_tab_erases_in_a_browser(webui, delta, tmp_path):
     """The tab as a user drives it (headless Chromium through playwright; skipped without them): fill the inputs,
-    Erase, the tag appears. A1111_SCREENSHOT_DIR keeps a screenshot of the tab (the README's)."""
+    Erase, the live curves show while it trains, the tag appears. A1111_SCREENSHOT_DIR keeps a screenshot of the
+    tab (the README's)."""
     import os
     import shutil
 
@@ -144,16 +164,19 @@ def test_the_tab_erases_in_a_browser(webui, delta, tmp_path):
             page.goto(webui.url, timeout=120_000)
             page.locator("#tabs > .tab-nav button", has_text="TRuST").click(timeout=120_000)
             page.fill("#trust_concepts textarea", "a red circle")
-            for elem, value in (("trust_steps", "2"), ("trust_training_images", "2"), ("trust_resolution", "64"),
+            for elem, value in (("trust_steps", "20"), ("trust_training_images", "2"), ("trust_resolution", "64"),
                                 ("trust_learning_rate", "0.05"), ("trust_seed", "5")):  # seed 5: not a reuse of RUN's file
                 box = page.locator(f"#{elem} input[type=number]").first
                 box.fill(value)
                 box.press("Tab")
             page.fill("#trust_file_name textarea, #trust_file_name input", "tier2_tab")
             page.click("#trust_erase")
+            # while it trains, the curves come as the web UI's live preview over the curves image (trust.js)
+            page.wait_for_selector("#trust_curves .livePreview img", timeout=240_000)
             page.wait_for_function(
                 "() => (document.querySelector('#trust_tag textarea') || {}).value === '<lora:tier2_tab:1>'",
                 timeout=240_000)
+            page.wait_for_function("() => !document.querySelector('#trust_curves .livePreview')", timeout=60_000)
             report = page.input_value("#trust_report textarea")
             assert "Saved tier2_tab.safetensors" in report
             assert (webui.lora_dir / "TRuST" / "tier2_tab.safetensors").is_file()
@@ -162,3 +185,36 @@ def test_the_tab_erases_in_a_browser(webui, delta, tmp_path):
                             full_page=True)
         finally:
             browser.close()
+
+
+def test_the_delta_script_adds_the_tag(webui, delta):
+    """The AlwaysVisible "TRuST delta" script through the API's alwayson_scripts: the same image as the tag typed in."""
+    script = {"TRuST delta": {"args": [True, "tier2_red_circle", 1.0]}}
+    pixels, info = generate(webui, "a red circle", alwayson_scripts=script)
+    assert info["all_prompts"] == ["a red circle <lora:tier2_red_circle:1>"]
+    assert np.array_equal(pixels, image(webui, "a red circle <lora:tier2_red_circle:1>"))
+    off = {"TRuST delta": {"args": [False, "tier2_red_circle", 1.0]}}
+    assert np.array_equal(image(webui, "a red circle", alwayson_scripts=off), delta["base"])
+    assert "was made for another base model" not in webui.log.read_text()  # made on this very checkpoint
+
+
+def test_bake_writes_a_checkpoint_that_generates_like_the_lora(webui, delta):
+    """POST /trust/v1/bake: a new checkpoint (and its .yaml) in the checkpoint folder, listed at once; loaded, it gives
+    the image the base gives with <lora:x:1>; the loaded model is unchanged by the bake itself."""
+    folder = webui.data / "models" / "Stable-diffusion"
+    r = webui.post("/trust/v1/bake", json={"delta": "nope"})
+    assert r.status_code == 422 and "not in the Lora folder" in r.text
+    r = webui.post("/trust/v1/bake", json={"delta": "tier2_red_circle", "file_name": "tiny_baked"})
+    assert r.status_code == 200, r.text
+    assert (folder / "tiny_baked.safetensors").is_file() and (folder / "tiny_baked.yaml").is_file()
+    assert np.array_equal(image(webui, "a red circle"), delta["base"])  # the loaded model is as it was
+    titles = [m["title"] for m in webui.get("/sdapi/v1/sd-models").json()]
+    baked = next(t for t in titles if t.startswith("tiny_baked"))
+    base_title = next(t for t in titles if t.startswith("tiny_sd15"))
+    with_lora = image(webui, "a red circle <lora:tier2_red_circle:1>")
+    assert webui.post("/sdapi/v1/options", json={"sd_model_checkpoint": baked}).status_code == 200
+    try:
+        assert np.array_equal(image(webui, "a red circle"), with_lora)
+    finally:
+        assert webui.post("/sdapi/v1/options", json={"sd_model_checkpoint": base_title}).status_code == 200
+    assert np.array_equal(image(webui, "a red circle"), delta["base"])
