@@ -10,7 +10,8 @@ from ..trust_engine import attacks
 from ..trust_engine.unet_view import find_sites, set_site_weight
 from ..trust_engine.verify import check_threshold, verify
 from . import host
-from .trust_nodes import CATEGORY, _cfg, _run
+from ..trust_engine.job import default_cfg
+from .trust_nodes import CATEGORY, _run
 
 
 def _without_patches(model):
@@ -112,7 +113,7 @@ class TrustVerifyErasure:
                 _sample_with_patches(base, base_model)
                 with torch.inference_mode(False):
                     return verify(patched, concept, names, threshold=threshold, budget=budget, seed=seed, base=base,
-                                  aligner=aligner, paraphrases=lines, cfg=_cfg(family), progress=progress)
+                                  aligner=aligner, paraphrases=lines, cfg=default_cfg(family), progress=progress)
 
         verdict = _run("attacking the erasure", resolution, work)
         report = verdict.report() + (f"\nbase model: the input base_model{derived}" if not derived
