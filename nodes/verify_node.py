@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 
 from ..trust_engine import attacks
+from ..trust_engine.job import default_cfg
 from ..trust_engine.unet_view import find_sites, set_site_weight
 from ..trust_engine.verify import check_threshold, verify
 from . import host
-from ..trust_engine.job import default_cfg
 from .trust_nodes import CATEGORY, _run
 
 

@@ -4,13 +4,13 @@ ComfyUI's own embedding-token path of the CLIP), reports, and leaves the base MO
 
 from __future__ import annotations
 
-from .test_tier2 import base_graph, outputs, probe, unlearn_node
+from .test_tier2 import base_digest, base_graph, outputs, probe, unlearn_node  # noqa: F401 (base_digest: a fixture)
 from .tier2_support import REPO
 
 ALIGNER = REPO / "trust_engine" / "testbed" / "weights" / "aligner"
 
 
-def test_verify_erasure_runs_every_attack_and_leaves_the_base_identical(comfy, base_digest):
+def test_verify_erasure_runs_every_attack_and_leaves_the_base_identical(comfy, base_digest):  # noqa: F811
     aligners = comfy.base_dir / "models" / "concept_aligners"
     aligners.mkdir(parents=True, exist_ok=True)
     if not (aligners / "testbed").exists():
