@@ -229,6 +229,15 @@ def comfy_parts(model, clip, vae, resolution: int = 0, need_decoder: bool = True
         mm.soft_empty_cache()
 
 
+def _keep_norm_inputs(module: torch.nn.Module) -> None:
+    """ComfyUI's CLIP layers add their residuals in place (`x += attn(norm(x))`), which overwrites the input a
+    LayerNorm saved for its backward; on this private copy each LayerNorm gets a copy of its input, so a gradient can
+    flow back to the token embeddings (the forward's values are unchanged)."""
+    for sub in module.modules():
+        if isinstance(sub, torch.nn.LayerNorm):
+            sub.register_forward_pre_hook(lambda _m, args: (args[0].clone(), *args[1:]))
+
+
 def token_input(clip, device) -> TokenInput | None:
     """Text conditioning from token embeddings (soft-prompt attacks) for a single-encoder CLIP (SD1.x, SD2.x): the
     soft rows go into the token list as an embedding, as ComfyUI inserts textual-inversion embeddings
@@ -241,6 +250,7 @@ def token_input(clip, device) -> TokenInput | None:
         return None
     clip.load_model()
     private = _private_copy(model)
+    _keep_norm_inputs(private)
     table = getattr(private, attr).transformer.get_input_embeddings().weight.detach()
     special = set(getattr(words_tokenizer, "all_special_ids", []))
     layer = getattr(clip, "layer_idx", None)

@@ -102,6 +102,12 @@ class ModelPatcher:
         return out
 
 
+def _residual_in_place(module, args, out):
+    hidden = args[0]
+    if torch.is_tensor(hidden) and not hidden.is_leaf:
+        hidden.add_(0)  # the values stay; the version counter moves, as after ComfyUI's `x +=`
+
+
 class _ClipL(torch.nn.Module):
     """ComfyUI's SDClipModel as far as the pack uses it: `transformer` with its token-embedding layer."""
 
@@ -119,6 +125,11 @@ class ClipModel(torch.nn.Module):
     def __init__(self, text_encoder):
         super().__init__()
         self.clip_l = _ClipL(text_encoder)
+        # ComfyUI's CLIPLayer adds its residuals in place (`x += self.self_attn(self.layer_norm1(x), ...)`), which
+        # overwrites the input its LayerNorm saved for the backward: each layer's input is written in place here too
+        for block in text_encoder.modules():
+            if type(block).__name__ == "CLIPEncoderLayer":
+                block.register_forward_hook(_residual_in_place)
 
     def reset_clip_options(self):
         pass
