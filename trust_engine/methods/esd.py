@@ -13,7 +13,7 @@ iteration:
 
 The weights change as float32 differences added on the output of each attn2 projection of a private copy of the
 UNet (trust_engine.functional.SiteDeltas): the host's UNet is only read. The delta holds them as the pack's row-sparse
-sites (Adam moves every row, so each site carries all of its rows: an exact full-rank LoRA).
+sites (Adam moves every row, so each site carries all of its rows; the file holds each as a dense `.diff`).
 
 Defaults are the paper's / CompVis script's: eta 1, 1000 iterations, batch 1, Adam lr 1e-5, x_t from a 50-step DDIM
 trajectory with guidance 3. Where this differs from the code, and why:
