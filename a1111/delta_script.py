@@ -7,8 +7,7 @@ from __future__ import annotations
 import re
 
 from ..trust_engine.delta import FINGERPRINT_KEY, fingerprint
-from ..trust_engine.sketch import BITS as SKETCH_BITS
-from ..trust_engine.sketch import CLOSE, SKETCH_KEY, VERSION, sketch
+from ..trust_engine.sketch import compare_base, sketch
 from . import host, run
 
 NONE = "None"
@@ -56,23 +55,6 @@ def model_fingerprint(sd_model) -> tuple[str, str]:
     return _MODEL_FINGERPRINTS[key]
 
 
-def sketch_agreement(stored: str, own: str) -> float | None:
-    """Share of sampled weight signs two sketches have in common (sketch.agreement, from the model's own sketch);
-    None when the stored one is not a sketch this version reads."""
-    import base64
-
-    import numpy as np
-
-    if not stored.startswith(VERSION):
-        return None
-    try:
-        a = np.unpackbits(np.frombuffer(base64.b64decode(stored[len(VERSION):], validate=True), dtype=np.uint8))
-    except ValueError:
-        return None
-    b = np.unpackbits(np.frombuffer(base64.b64decode(own[len(VERSION):]), dtype=np.uint8))
-    return float((a == b).mean()) if a.size == b.size == SKETCH_BITS else None
-
-
 def base_warning(metadata: dict[str, str], sd_model, source: str) -> str | None:
     """None when the delta was made for the loaded checkpoint (or records no base); otherwise what to tell the user.
     A delta's sketch of its base can recognise that base lightly modified (a LoRA merged in): then a note only."""
@@ -80,19 +62,14 @@ def base_warning(metadata: dict[str, str], sd_model, source: str) -> str | None:
     if not made_for:
         return None
     model_fp, model_sketch = model_fingerprint(sd_model)
-    if made_for == model_fp:
+    check = compare_base(made_for, metadata, model_fp, model_sketch)
+    if check.exact:
         return None
-    stored = metadata.get(SKETCH_KEY)
-    share = sketch_agreement(stored, model_sketch) if stored else None
-    if share is not None and share >= CLOSE:
-        return (f"TRuST: {source}: this checkpoint is not bit-identical to the delta's base model, but "
-                f"{100 * share:.1f}% of {SKETCH_BITS} sampled Q/K/V weight signs agree (an unrelated model: about 50%): "
-                f"the same base, lightly modified. Applied.")
-    measured = (f" Only {100 * share:.1f}% of {SKETCH_BITS} sampled Q/K/V weight signs agree (the same base lightly "
-                f"modified: {100 * CLOSE:.0f}% or more)." if share is not None else "")
-    return (f"TRuST WARNING: {source} was made for another base model (fingerprint {made_for[:12]}).{measured} It is "
-            f"applied anyway, but it may not erase the concept and may damage other content; retrain on this "
-            f"checkpoint for a reliable result.")
+    if check.close:
+        return f"TRuST: {source}: this checkpoint is {check.close_note()}. Applied."
+    return (f"TRuST WARNING: {source} was made for another base model (fingerprint {made_for[:12]})."
+            f"{check.mismatch_detail()} It is applied anyway, but it may not erase the concept and may damage other "
+            f"content; retrain on this checkpoint for a reliable result.")
 
 
 def file_metadata(path: str) -> dict[str, str]:

@@ -19,8 +19,7 @@ from ..trust_engine.functional import SiteDeltas
 from ..trust_engine.parts import Aligner
 from ..trust_engine.render import labelled_grid, saliency_heatmap, training_curves
 from ..trust_engine.saliency import SaliencyConfig, SaliencyResult, estimate
-from ..trust_engine.sketch import BITS as SKETCH_BITS
-from ..trust_engine.sketch import CLOSE, SKETCH_KEY, agreement, sketch
+from ..trust_engine.sketch import SKETCH_KEY, compare_base, sketch
 from ..trust_engine.unet_view import find_sites
 from . import host
 
@@ -471,23 +470,18 @@ class TrustApplyDelta:
                  f"{loaded.metadata.get('loss', '?').upper()}, {sum(d.rank for d in loaded.sites.values())} rows, "
                  f"strength {strength}"]
         weights = host.effective_site_weights(model) if loaded.base_fingerprint else {}
-        if loaded.base_fingerprint and loaded.base_fingerprint != fingerprint(weights):
-            # the exact check failed; a delta with a sketch of its base can still recognise that base lightly modified
-            stored = loaded.metadata.get(SKETCH_KEY)
-            share = agreement(stored, weights) if stored else None
-            if share is not None and share >= CLOSE:
-                lines.append(f"Note: this model is not bit-identical to the delta's base model, but {100 * share:.1f}% "
-                             f"of {SKETCH_BITS} sampled Q/K/V weight signs agree (an unrelated model: about 50%): the "
-                             f"same base, lightly modified (e.g. a LoRA merged in). Applied.")
-            else:
-                measured = (f" Only {100 * share:.1f}% of {SKETCH_BITS} sampled Q/K/V weight signs agree (the same "
-                            f"base lightly modified: {100 * CLOSE:.0f}% or more)." if share is not None else "")
-                warning = ("WARNING: this delta was made for another base model (fingerprint "
-                           f"{loaded.base_fingerprint[:12]}).{measured} It is applied anyway, but it may not erase "
-                           "the concept and may damage other content; retrain on this model for a reliable result.")
-                log.warning("TRuST: %s: %s", source, warning)
-                host.send_event({"node": unique_id, "warning": warning, "source": source})
-                lines.append(warning)
+        check = compare_base(loaded.base_fingerprint, loaded.metadata, fingerprint(weights) if weights else "",
+                             weights)
+        if check.close:
+            lines.append(f"Note: this model is {check.close_note()}. Applied.")
+        elif not check.exact:
+            warning = ("WARNING: this delta was made for another base model (fingerprint "
+                       f"{loaded.base_fingerprint[:12]}).{check.mismatch_detail()} It is applied anyway, but it may "
+                       "not erase the concept and may damage other content; retrain on this model for a reliable "
+                       "result.")
+            log.warning("TRuST: %s: %s", source, warning)
+            host.send_event({"node": unique_id, "warning": warning, "source": source})
+            lines.append(warning)
         info = "\n".join(lines)
         return {"ui": {"text": [info]}, "result": (_patched(model, loaded, strength), info)}
 

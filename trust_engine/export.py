@@ -19,8 +19,7 @@ from torch import nn
 
 from . import ranges
 from .delta import FINGERPRINT_KEY, LORA_PREFIX, BaseMismatchError, Delta, fingerprint, row_factors
-from .sketch import BITS as SKETCH_BITS
-from .sketch import CLOSE, SKETCH_KEY, agreement
+from .sketch import compare_base
 from .unet_view import UnknownArchitectureError, find_sites, name_map, set_site_weight, site_weights
 
 EXPORT_KEY = "trust_export"  # metadata of an exported file: which loader it is written for
@@ -48,19 +47,15 @@ def verify_base(delta: Delta, weights: Mapping[str, torch.Tensor]) -> str:
     fingerprint, or (if the delta carries a sketch of its base) 95% or more of the sampled weight signs, the same base
     lightly modified, e.g. with a LoRA fused in. Returns '' on an exact match (or a delta without a fingerprint),
     else a note saying how close the model is."""
-    if not delta.base_fingerprint or fingerprint(weights) == delta.base_fingerprint:
+    own = fingerprint(weights) if delta.base_fingerprint else ""
+    check = compare_base(delta.base_fingerprint, delta.metadata, own, weights)
+    if check.exact:
         return ""
-    stored = delta.metadata.get(SKETCH_KEY)
-    share = agreement(stored, weights) if stored else None
-    if share is not None and share >= CLOSE:
-        return (f"this UNet is not bit-identical to the delta's base model, but {100 * share:.1f}% of {SKETCH_BITS} "
-                f"sampled Q/K/V weight signs agree (an unrelated model: about 50%): the same base, lightly modified "
-                f"(e.g. a LoRA fused in)")
-    measured = (f" Only {100 * share:.1f}% of {SKETCH_BITS} sampled Q/K/V weight signs agree (the same base lightly "
-                f"modified: {100 * CLOSE:.0f}% or more)." if share is not None else "")
+    if check.close:
+        return "this UNet is " + check.close_note()
     raise BaseMismatchError(
         f"this delta was made for another base model (fingerprint {delta.base_fingerprint[:12]}, this UNet "
-        f"{fingerprint(weights)[:12]}).{measured} It would not erase the concept reliably and may damage other "
+        f"{own[:12]}).{check.mismatch_detail()} It would not erase the concept reliably and may damage other "
         f"content: apply it to the model it was trained on, retrain on this one, or pass check_base=False to apply "
         f"it anyway"
     )

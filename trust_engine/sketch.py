@@ -5,6 +5,7 @@ bits at fixed sampled positions, so a host can tell "the same base, lightly modi
 from __future__ import annotations
 
 import base64
+import dataclasses
 from collections.abc import Mapping
 
 import numpy as np
@@ -41,15 +42,57 @@ def sketch(weights: Mapping[str, torch.Tensor]) -> str:
     return VERSION + base64.b64encode(np.packbits(_signs(weights)).tobytes()).decode()
 
 
-def agreement(stored: str, weights: Mapping[str, torch.Tensor]) -> float | None:
-    """Share of the sketch's sampled signs that `weights` has too (1.0: all; an unrelated model: about 0.5);
-    None if `stored` is not a sketch this version reads."""
-    if not stored.startswith(VERSION):
+def _bits(text: str) -> np.ndarray | None:
+    if not text.startswith(VERSION):
         return None
     try:
-        packed = np.frombuffer(base64.b64decode(stored[len(VERSION):], validate=True), dtype=np.uint8)
+        packed = np.frombuffer(base64.b64decode(text[len(VERSION):], validate=True), dtype=np.uint8)
     except ValueError:
         return None
-    if packed.size != BITS // 8:
+    return np.unpackbits(packed) if packed.size == BITS // 8 else None
+
+
+def agreement(stored: str, weights: Mapping[str, torch.Tensor] | str) -> float | None:
+    """Share of the sketch's sampled signs that `weights` (site weights, or their sketch) has too (1.0: all; an
+    unrelated model: about 0.5); None if `stored` is not a sketch this version reads."""
+    bits = _bits(stored)
+    if bits is None:
         return None
-    return float((np.unpackbits(packed) == _signs(weights)).mean())
+    own = _bits(weights) if isinstance(weights, str) else _signs(weights)
+    return None if own is None else float((bits == own).mean())
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseCheck:
+    """How a model compares with the base a delta was made for (`compare_base`)."""
+
+    exact: bool  # the exact fingerprint matches (or the delta records no base)
+    share: float | None  # sampled sign agreement when not exact and the delta carries a sketch
+
+    @property
+    def close(self) -> bool:
+        """The same base, lightly modified (e.g. a LoRA merged in)."""
+        return not self.exact and self.share is not None and self.share >= CLOSE
+
+    def close_note(self) -> str:
+        """For `close`: the sentence every host shows."""
+        return (f"not bit-identical to the delta's base model, but {100 * self.share:.1f}% of {BITS} sampled Q/K/V "
+                f"weight signs agree (an unrelated model: about 50%): the same base, lightly modified (e.g. a LoRA "
+                f"merged in)")
+
+    def mismatch_detail(self) -> str:
+        """For a mismatch: the measured agreement as a sentence (empty when the delta carries no sketch)."""
+        if self.share is None:
+            return ""
+        return (f" Only {100 * self.share:.1f}% of {BITS} sampled Q/K/V weight signs agree (the same base lightly "
+                f"modified: {100 * CLOSE:.0f}% or more).")
+
+
+def compare_base(made_for: str, metadata: Mapping[str, str], model_fingerprint: str,
+                 weights: Mapping[str, torch.Tensor] | str) -> BaseCheck:
+    """Compare a model (its fingerprint, and its site weights or their sketch) with a delta's base (`made_for`, the
+    delta's fingerprint; `metadata`, the delta's, which may carry the base's sketch)."""
+    if not made_for or made_for == model_fingerprint:
+        return BaseCheck(True, None)
+    stored = metadata.get(SKETCH_KEY)
+    return BaseCheck(False, agreement(stored, weights) if stored else None)
