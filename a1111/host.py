@@ -262,11 +262,16 @@ class HostProgress:
     # the curves are redrawn at most this often (seconds) while training; the last step always draws
     CURVES_EVERY = 1.0
 
-    def __init__(self, state, prepare: int, steps: int, title: str = "") -> None:
-        self.state, self.prepare, self.total, self.title = state, prepare, prepare + steps, title
+    def __init__(self, state, prepare: int, steps: int, title: str = "", by_stage: bool = False,
+                 job: str = "TRuST unlearning") -> None:
+        """TRuST: `prepare` generated images, then `steps` steps on one bar. `by_stage` (jobs whose stages each
+        report their own totals: the other methods, the attacks): the bar shows the current stage's share done, out
+        of 100."""
+        self.state, self.prepare, self.title, self.by_stage = state, prepare, title, by_stage
+        self.total = 100 if by_stage else prepare + steps
         self.history: list[dict] = []
         self.drawn_at = 0.0
-        state.job = "TRuST unlearning"
+        state.job = job
         state.job_count = 1
         state.job_no = 0
         state.sampling_steps = self.total
@@ -275,7 +280,10 @@ class HostProgress:
     def __call__(self, event: ProgressEvent) -> None:
         if self.state.interrupted or getattr(self.state, "stopping_generation", False):
             raise Interrupted("interrupted: nothing was saved and the model is unchanged")
-        done = min(event.step, self.prepare) if event.stage == "prepare" else self.prepare + event.step
+        if self.by_stage:
+            done = round(100 * min(event.step, event.total) / max(1, event.total))
+        else:
+            done = min(event.step, self.prepare) if event.stage == "prepare" else self.prepare + event.step
         self.state.sampling_step = done
         self.state.textinfo = f"TRuST {event.stage} {event.step}/{event.total}: {event.message}".strip()
         if event.stage != "prepare" and event.metrics:
