@@ -1,11 +1,11 @@
-"""API routes: POST /trust/v1/unlearn, /trust/v1/bake and /trust/v1/verify (queue-locked like txt2img; progress and interrupt
-through /sdapi/v1/progress and /sdapi/v1/interrupt) and GET /trust/v1/deltas."""
+"""API routes: POST /trust/v1/unlearn, /trust/v1/bake, /trust/v1/verify and /trust/v1/saliency (queue-locked like
+txt2img; progress and interrupt through /sdapi/v1/progress and /sdapi/v1/interrupt) and GET /trust/v1/deltas."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from . import bake, host, run, verify
+from . import bake, host, run, saliency, verify
 
 
 def request_model(request_class=run.Request, name: str = "TrustUnlearnRequest"):
@@ -48,6 +48,7 @@ def mount(demo, app) -> None:
     Body = request_model()
     BakeBody = request_model(bake.BakeRequest, "TrustBakeRequest")
     VerifyBody = request_model(verify.VerifyRequest, "TrustVerifyRequest")
+    SaliencyBody = request_model(saliency.SaliencyRequest, "TrustSaliencyRequest")
 
     def unlearn(body: Body):  # a plain def: FastAPI runs it in a thread, so progress/interrupt stay answerable
         return locked("trust_unlearn", lambda: run.unlearn(run.Request(**values(body))))
@@ -62,10 +63,18 @@ def mount(demo, app) -> None:
 
         return locked("trust_verify", work)
 
+    def saliency_route(body: SaliencyBody):  # the summary and the concept neurons per site (no heatmap image)
+        def work():
+            out = saliency.find(saliency.SaliencyRequest(**values(body)))
+            return {"summary": out["summary"], "mode": out["mode"], "neurons": out["neurons"]}
+
+        return locked("trust_saliency", work)
+
     # real classes, not the strings `from __future__ import annotations` makes
     unlearn.__annotations__["body"] = Body
     bake_route.__annotations__["body"] = BakeBody
     verify_route.__annotations__["body"] = VerifyBody
+    saliency_route.__annotations__["body"] = SaliencyBody
 
     def deltas():
         return {"deltas": run.list_deltas(shared)}
@@ -73,4 +82,5 @@ def mount(demo, app) -> None:
     app.add_api_route("/trust/v1/unlearn", unlearn, methods=["POST"])
     app.add_api_route("/trust/v1/bake", bake_route, methods=["POST"])
     app.add_api_route("/trust/v1/verify", verify_route, methods=["POST"])
+    app.add_api_route("/trust/v1/saliency", saliency_route, methods=["POST"])
     app.add_api_route("/trust/v1/deltas", deltas, methods=["GET"])
