@@ -135,7 +135,10 @@ def private_tree(module: torch.nn.Module) -> torch.nn.Module:
         for attr in NETWORK_ATTRS:
             if attr in m.__dict__:
                 delattr(m, attr)
-    return private.requires_grad_(False).eval()
+    private.requires_grad_(False)
+    for m in private.modules():  # not .eval(): ldm sets first_stage_model.train to a plain function that returns its
+        m.training = False  # argument, so .eval() on it answers False instead of the module
+    return private
 
 
 @contextlib.contextmanager
