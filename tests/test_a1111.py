@@ -253,6 +253,35 @@ def test_token_input_gives_the_prompts_cond_and_a_gradient_without_touching_the_
     assert digest(encoder) == before and all(p.grad is None for p in encoder.parameters())
 
 
+@pytest.mark.parametrize("family", ["SD2.x", "SDXL"])
+def test_token_input_on_sd2_and_sdxl_gives_the_web_uis_cond_and_a_gradient_without_touching_the_host(pack, tmp_path,
+                                                                                                    family):
+    """SD2.x (OpenCLIP) and SDXL (CLIP-L + OpenCLIP-G, the table side by side): with the rows of the prompt's first
+    words the cond is exactly what get_learned_conditioning gives for the whole prompt (SDXL: with the pooled output
+    and size embeddings packed); words decode through the web UI's tokenizers; the gradient reaches every encoder's
+    part of the soft rows; the host's text encoders are unchanged and get no gradient."""
+    web = a1111_fake.family_modules(family, str(tmp_path / "Lora"))
+    sd_model = web.shared.sd_model
+    text = sd_model.cond_stage_model
+    before = digest(text)
+    with a1111_fake.open_clip_installed(web.open_clip), \
+            pack.host.a1111_parts(sd_model, web, resolution=16, need_decoder=False) as parts:
+        tokens = parts.token_input
+        ids = tokens.tokenize("a red")
+        assert tokens.decode(ids) == "a red"
+        with torch.no_grad():
+            assert torch.equal(tokens.encode("circle on a blue square", tokens.table[ids]),
+                               parts.encode_text(["a red circle on a blue square"]))
+        soft = tokens.table[ids].clone().requires_grad_(True)
+        tokens.encode("circle", soft).square().sum().backward()
+        # SDXL: CLIP-L's width, then OpenCLIP-G's
+        first = text.embedders[0].wrapped.transformer.get_input_embeddings().wrapped.weight.shape[1] \
+            if family == "SDXL" else tokens.table.shape[1]
+        assert float(soft.grad[:, :first].abs().sum()) > 0
+        assert family != "SDXL" or float(soft.grad[:, first:].abs().sum()) > 0
+    assert digest(text) == before and all(p.grad is None for p in text.parameters())
+
+
 # --- the AlwaysVisible "TRuST delta" script ------------------------------------------------------------------------
 
 

@@ -99,7 +99,7 @@ class TokenInput:
     tokenize: Callable[[str], list[int]]  # a text's token ids, without start / end / padding
 
 
-class _SoftTokens(nn.Module):
+class SoftTokens(nn.Module):
     """Stands in for a private text-encoder copy's token-embedding layer: the host layer's output with rows 1..k
     replaced by `soft` while one is set (the ids there are placeholders)."""
 
@@ -117,16 +117,17 @@ class _SoftTokens(nn.Module):
         return torch.cat([out[:, :1], soft, out[:, 1 + k:]], dim=1)
 
 
-def _soft_copy(encoder: nn.Module) -> tuple[nn.Module, _SoftTokens]:
+def _soft_copy(encoder: nn.Module, tree=None) -> tuple[nn.Module, SoftTokens]:
     """A private module tree of a transformers text encoder (the host's tensors, frozen; the host's modules are not
-    changed) whose token-embedding layer is a `_SoftTokens` over a private copy of the host's layer."""
+    changed) whose token-embedding layer is a `SoftTokens` over a private copy of the host's layer. `tree(module,
+    memo)` makes the private tree (default `private_tree_with`; a host may strip its own per-layer state)."""
     from .functional import private_tree
 
     host_embedding = encoder.get_input_embeddings()
     # AUTOMATIC1111 wraps the layer (EmbeddingsWithFixes, textual inversion) and keeps the original as `.wrapped`
     base = getattr(host_embedding, "wrapped", host_embedding)
-    soft_layer = _SoftTokens(private_tree(base))
-    return private_tree_with(encoder, {id(host_embedding): soft_layer}), soft_layer
+    soft_layer = SoftTokens(private_tree(base))
+    return (tree or private_tree_with)(encoder, {id(host_embedding): soft_layer}), soft_layer
 
 
 def _ids_with_room(tokenizer, prompt: str, k: int) -> torch.Tensor:
@@ -154,11 +155,12 @@ def _words_and_text(tokenizer, table: torch.Tensor, special: set[int]):
     return words, decode, tokenize
 
 
-def hf_token_input(encoder: nn.Module, tokenizer, device, hidden_layer: int | None = None) -> TokenInput:
+def hf_token_input(encoder: nn.Module, tokenizer, device, hidden_layer: int | None = None, tree=None) -> TokenInput:
     """TokenInput of a transformers CLIP text encoder (diffusers' SD1.x/SD2.x pipelines, AUTOMATIC1111's SD1.x) over a
-    private module tree (the host's tensors, frozen; the host's modules are not changed). `hidden_layer` = -n takes
-    the n-th hidden state from the end through the final layer norm (clip skip); None the last output."""
-    private, soft_layer = _soft_copy(encoder)
+    private module tree (the host's tensors, frozen; the host's modules are not changed; `tree` as in `_soft_copy`).
+    `hidden_layer` = -n takes the n-th hidden state from the end through the final layer norm (clip skip); None the
+    last output."""
+    private, soft_layer = _soft_copy(encoder, tree)
     table = soft_layer.embedding.weight.detach()
     special = set(getattr(tokenizer, "all_special_ids", []))
 
