@@ -282,6 +282,39 @@ def test_token_input_on_sd2_and_sdxl_gives_the_web_uis_cond_and_a_gradient_witho
     assert digest(text) == before and all(p.grad is None for p in text.parameters())
 
 
+@pytest.mark.parametrize("family", ["SD1.x", "SDXL"])
+def test_token_input_trees_are_not_patched_by_the_lora_extension(pack, request, tmp_path, monkeypatch, family):
+    """The built-in Lora extension patches a layer in place from the layer's own forward when the layer carries its
+    per-layer state (network_layer_name); the token input's private trees share the host's tensors, so they must not
+    carry it, or encoding a soft prompt would write the host's text encoder."""
+    if family == "SD1.x":
+        web = request.getfixturevalue("web")
+    else:
+        web = a1111_fake.family_modules(family, str(tmp_path / "Lora"))
+    text = web.shared.sd_model.cond_stage_model
+    layers = [m for m in text.modules() if isinstance(m, torch.nn.Linear)]
+    for i, layer in enumerate(layers):
+        layer.network_layer_name = f"te_layer_{i}"  # what the extension sets on every layer it may patch
+    forward = torch.nn.Linear.forward
+
+    def network_linear_forward(self, x):  # network_apply_weights(self), reduced to "patch when it has a name"
+        if getattr(self, "network_layer_name", None) is not None:
+            with torch.no_grad():
+                self.weight += 1
+        return forward(self, x)
+
+    before = digest(text)
+    with a1111_fake.open_clip_installed(getattr(web, "open_clip", None)), \
+            pack.host.a1111_parts(web.shared.sd_model, web, resolution=16, need_decoder=False) as parts:
+        tokens = parts.token_input
+        parts.encode_text([""])  # the host's own encoding (SDXL's size embeddings come from it), before the hook
+        monkeypatch.setattr(torch.nn.Linear, "forward", network_linear_forward)
+        with torch.no_grad():
+            tokens.encode("a red circle", tokens.table[tokens.tokenize("a")])
+        monkeypatch.setattr(torch.nn.Linear, "forward", forward)
+    assert digest(text) == before
+
+
 # --- the AlwaysVisible "TRuST delta" script ------------------------------------------------------------------------
 
 
