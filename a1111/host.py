@@ -20,7 +20,7 @@ import torch
 
 from ..trust_engine.functional import DECODER_BLOCKS, checkpoint_blocks
 from ..trust_engine.job import NATIVE_RESOLUTION
-from ..trust_engine.parts import DiffusionParts, TokenInput, SoftTokens, hf_token_input, pack_extra, unpack_extra
+from ..trust_engine.parts import DiffusionParts, SoftTokens, TokenInput, hf_token_input, pack_extra, unpack_extra
 from ..trust_engine.progress import ProgressEvent
 from ..trust_engine.unet_view import UnknownArchitectureError, find_sites, site_weight, site_weights, weight_path
 

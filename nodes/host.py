@@ -249,7 +249,7 @@ def _text_encoders(model, tokenizers) -> list[tuple[str, str, object]]:
         names = [(str(model.clip_name), str(model.clip))]
         tokenizer_attr = str(getattr(tokenizers, "clip", ""))
         tokenizer_attrs = [tokenizer_attr]
-    elif type(model).__name__ == "SDXLClipModel":
+    elif any(c.__name__ == "SDXLClipModel" for c in type(model).__mro__):
         names, tokenizer_attrs = [("l", "clip_l"), ("g", "clip_g")], ["clip_l", "clip_g"]
     else:
         return []
@@ -292,7 +292,8 @@ def token_input(clip, device, adm=None) -> TokenInput | None:
         for (key, _, _), width in zip(encoders, widths):
             chunk = list(tokenized[key][0])
             first = chunk[0]
-            tokens[key] = [[first, (soft[:, start:start + width], 1.0, *first[2:])] + chunk[1:len(chunk) - k]]
+            part = soft[:, start:start + width].contiguous()
+            tokens[key] = [[first, (part, 1.0, *first[2:])] + chunk[1:len(chunk) - k]]
             start += width
         private.reset_clip_options()
         if layer is not None:

@@ -153,7 +153,7 @@ def test_soft_prompt_and_ring_a_bell_run_on_sdxl(sdxl, monkeypatch):
     parts = loading.load_model(sdxl, torch.device("cpu"), torch.float32, resolution=16).parts
     results = attacks.run(parts, "red circle", ["soft_prompt", "ring_a_bell"], base=parts,
                           judge=lambda images, concept: [True] * images.shape[0])
-    for name, result in results.items():
+    for result in results.values():
         assert result.runs > 0 and not result.note and result.asr == 1.0, result.line()
     assert results["soft_prompt"].extra["discrete_prompts"] and results["ring_a_bell"].extra["prompts"]
 
