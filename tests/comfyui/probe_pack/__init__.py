@@ -161,8 +161,11 @@ class TrustProbeTokenInput:
                 theirs = parts.encode_text([f"{words} {prompt}"]).float()
             soft = tokens.table[ids].clone().float().requires_grad_(True)
             tokens.encode(prompt, soft).float().square().sum().backward()
-            grads = [float(soft.grad[:, : soft.shape[1] // 2].abs().sum()),
-                     float(soft.grad[:, soft.shape[1] // 2:].abs().sum())]
+            grads, start = [], 0  # the gradient on each text encoder's part of the soft rows
+            for _, attr, _ in host._text_encoders(clip.cond_stage_model, clip.tokenizer):
+                width = getattr(clip.cond_stage_model, attr).transformer.get_input_embeddings().weight.shape[1]
+                grads.append(float(soft.grad[:, start:start + width].abs().sum()))
+                start += width
         no_grad = all(p.grad is None for p in clip.cond_stage_model.parameters())
         return {"ui": {"token_input": [True], "table": list(tokens.table.shape), "shape": list(ours.shape),
                        "max_abs_diff": [float((ours - theirs).abs().max())] if ours.shape == theirs.shape else [-1.0],
