@@ -124,7 +124,7 @@ def _clip_digest(clip) -> str:
     digest = hashlib.sha256()
     for key, value in sorted(clip.cond_stage_model.state_dict().items()):
         digest.update(key.encode())
-        digest.update(value.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
