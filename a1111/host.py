@@ -20,7 +20,7 @@ import torch
 
 from ..trust_engine.functional import DECODER_BLOCKS, checkpoint_blocks
 from ..trust_engine.job import NATIVE_RESOLUTION
-from ..trust_engine.parts import DiffusionParts, hf_token_input, pack_extra, unpack_extra
+from ..trust_engine.parts import DiffusionParts, SoftTokens, TokenInput, hf_token_input, pack_extra, unpack_extra
 from ..trust_engine.progress import ProgressEvent
 from ..trust_engine.unet_view import UnknownArchitectureError, find_sites, site_weight, site_weights, weight_path
 
@@ -117,14 +117,15 @@ def restore_lora_patches(module: torch.nn.Module, networks=None) -> int:
     return count
 
 
-def private_tree(module: torch.nn.Module) -> torch.nn.Module:
+def private_tree(module: torch.nn.Module, replace: dict[int, object] | None = None) -> torch.nn.Module:
     """A copy of the module tree over the host's own tensors (frozen; no weight copied) without the Lora
-    extension's per-layer state, so the extension never patches it."""
-    memo: dict[int, object] = {}
+    extension's per-layer state, so the extension never patches it. `replace`: objects of the tree to put in as
+    they are given (deepcopy memo: id(old) -> new)."""
+    memo: dict[int, object] = dict(replace or {})
     for p in module.parameters():
-        memo[id(p)] = torch.nn.Parameter(p.detach(), requires_grad=False)
+        memo.setdefault(id(p), torch.nn.Parameter(p.detach(), requires_grad=False))
     for b in module.buffers():
-        memo[id(b)] = b
+        memo.setdefault(id(b), b)
     for m in module.modules():
         for attr in ("network_weights_backup", "network_bias_backup"):
             value = getattr(m, attr, None)
@@ -261,7 +262,8 @@ def a1111_parts(sd_model, modules, resolution: int = 0, need_decoder: bool = Tru
             unet=unet, denoise=denoise, encode_text=encode_text, decode=decode,
             scheduler_config=scheduler_config(sd_model), latent_shape=(4, size // 8, size // 8),
             prediction_type=prediction_type(sd_model), device=device, dtype=dtype, name=f"AUTOMATIC1111 {family}",
-            token_input=token_input(sd_model, family, shared.opts, device),
+            token_input=token_input(sd_model, family, shared.opts, device,
+                                    lambda: unpack_extra(encode_one(""), adm_width)[1] if sdxl else None),
         )
     finally:
         unet = decoder = None
@@ -269,18 +271,125 @@ def a1111_parts(sd_model, modules, resolution: int = 0, need_decoder: bool = Tru
         devices.torch_gc()
 
 
-def token_input(sd_model, family: str, opts, device):
-    """Text conditioning from token embeddings (soft-prompt attacks) for SD1.x, whose text encoder is a transformers
-    CLIPTextModel (`cond_stage_model.wrapped.transformer` under the web UI's hijack), on a private tree of it with the
-    web UI's textual-inversion wrapper left out; the clip skip setting (CLIP_stop_at_last_layers) as the web UI
-    applies it. None for SD2.x (OpenCLIP) and SDXL."""
+def token_input(sd_model, family: str, opts, device, host_vector=None) -> TokenInput | None:
+    """Text conditioning from token embeddings (soft-prompt attacks), on private trees of the web UI's text encoders
+    (the host's tensors, frozen, without the Lora extension's per-layer state and the textual-inversion wrapper):
+    SD1.x: the transformers CLIPTextModel (`cond_stage_model.wrapped.transformer`) with the clip skip setting
+    (CLIP_stop_at_last_layers) as the web UI applies it. SD2.x: the OpenCLIP FrozenOpenCLIPEmbedder
+    (`cond_stage_model.wrapped`, its `model.token_embedding`), its own layer (the web UI applies no clip skip there).
+    SDXL: the conditioner's two text embedders (CLIP-L at its hidden layer, OpenCLIP-G at its layer with its pooled
+    output), conds side by side; `table` is the two token-embedding tables side by side (a soft token is one row,
+    split between the encoders) and the pooled output is followed by the size embeddings of `host_vector()` (the
+    host's ADM vector of a prompt), packed onto the cond as `a1111_parts` packs it. Prompts are put into one
+    77-token chunk as the web UI's hijack does (start, up to 75 tokens, end, padding). None where the model's text
+    encoders are not of these kinds."""
     cond = getattr(sd_model, "cond_stage_model", None)
-    inner = getattr(cond, "wrapped", cond)
-    encoder, tokenizer = getattr(inner, "transformer", None), getattr(inner, "tokenizer", None)
-    if family != "SD1.x" or tokenizer is None or not hasattr(encoder, "get_input_embeddings"):
+    if family == "SD1.x":
+        inner = getattr(cond, "wrapped", cond)
+        encoder, tokenizer = getattr(inner, "transformer", None), getattr(inner, "tokenizer", None)
+        if tokenizer is None or not hasattr(encoder, "get_input_embeddings"):
+            return None
+        skip = int(getattr(opts, "CLIP_stop_at_last_layers", 1) or 1)
+        return hf_token_input(encoder, tokenizer, device, None if skip <= 1 else -skip, tree=private_tree)
+    if family == "SD2.x":
+        embedders = [cond]
+    else:
+        conditioner = getattr(sd_model, "conditioner", None)
+        embedders = [e for e in getattr(conditioner, "embedders", []) if getattr(e, "input_key", None) == "txt"]
+        if host_vector is None or len(embedders) != 2:
+            return None
+    texts = [_WebUIText(e, device) for e in embedders]
+    if not all(t.ok for t in texts):
         return None
-    skip = int(getattr(opts, "CLIP_stop_at_last_layers", 1) or 1)
-    return hf_token_input(encoder, tokenizer, device, None if skip <= 1 else -skip)
+    if len({t.table.shape[0] for t in texts}) != 1 or len({(t.id_start, t.id_end) for t in texts}) != 1:
+        return None  # a soft token must be one vocabulary row for every encoder
+    table = torch.cat([t.table for t in texts], dim=1)
+    widths = [t.table.shape[1] for t in texts]
+    first = texts[0]
+    tail: list[torch.Tensor] = []
+
+    def encode(prompt: str, soft: torch.Tensor) -> torch.Tensor:
+        zs, pooled, start = [], None, 0
+        for text, width in zip(texts, widths):
+            z, p = text.encode(prompt, soft[:, start:start + width])
+            start += width
+            zs.append(z)
+            pooled = p if p is not None else pooled
+        z = torch.cat(zs, dim=-1).float()
+        if family == "SD2.x":
+            return z
+        if not tail:  # the size embeddings after the pooled output in the host's own ADM vector
+            with torch.no_grad():
+                tail.append(host_vector()[:, pooled.shape[-1]:].float().to(device))
+        vector = torch.cat([pooled.float().to(device), tail[0]], dim=1)
+        return torch.cat([z, pack_extra(vector, z.shape[-1])], dim=1)
+
+    special = {first.id_start, first.id_end, *first.special}
+    words = torch.tensor([i for i in range(table.shape[0]) if i not in special])
+    return TokenInput(table=table, encode=encode, decode=first.decode, words=words,
+                      tokenize=lambda text: [i for i in first.embedder.tokenize([text])[0] if i not in special])
+
+
+class _WebUIText:
+    """One of the web UI's hijacked text embedders (FrozenCLIPEmbedderForSDXLWithCustomWords,
+    FrozenOpenCLIPEmbedder[2]WithCustomWords) on a private tree of what it wraps, fed soft rows after the start
+    token: `encode(prompt, soft)` -> (z, pooled or None), as the embedder's encode_with_transformers gives them."""
+
+    def __init__(self, embedder, device) -> None:
+        self.embedder, self.device, self.ok = embedder, device, False
+        wrapped = getattr(embedder, "wrapped", None)
+        if hasattr(wrapped, "transformer") and hasattr(wrapped.transformer, "get_input_embeddings"):
+            self.kind, host = "clip", wrapped.transformer.get_input_embeddings()
+        elif hasattr(getattr(wrapped, "model", None), "token_embedding"):
+            self.kind, host = "open_clip", wrapped.model.token_embedding
+        else:
+            return
+        if not all(hasattr(embedder, a) for a in ("tokenize", "id_start", "id_end", "id_pad")):
+            return
+        base = getattr(host, "wrapped", host)  # the textual-inversion wrapper (EmbeddingsWithFixes) is left out
+        self.soft_layer = SoftTokens(private_tree(base))
+        tokenizer = getattr(wrapped, "tokenizer", None)
+        keep = {id(tokenizer): tokenizer} if tokenizer is not None else {}  # shared, not copied
+        self.private = private_tree(wrapped, {**keep, id(host): self.soft_layer})
+        self.table = self.soft_layer.embedding.weight.detach()
+        self.id_start, self.id_end, self.id_pad = embedder.id_start, embedder.id_end, embedder.id_pad
+        self.length = int(getattr(embedder, "chunk_length", 75))
+        self.special = set(getattr(tokenizer, "all_special_ids", []) or [])
+        self.ok = True
+
+    def ids(self, prompt: str, k: int) -> torch.Tensor:
+        """The web UI's chunk of the prompt (tokenize_line, process_tokens) with k placeholders after the start
+        token: start, up to 75 - k tokens, end, then end tokens to 77, those after the first end set to the pad id."""
+        if k > self.length:
+            raise ValueError(f"{k} soft tokens do not fit the web UI's {self.length}-token chunk")
+        tokens = list(self.embedder.tokenize([prompt])[0])[: self.length - k]
+        ids = [self.id_start] * (1 + k) + tokens + [self.id_end]
+        ids += [self.id_pad if self.id_end != self.id_pad else self.id_end] * (self.length + 2 - len(ids))
+        return torch.tensor([ids], device=self.device)
+
+    def encode(self, prompt: str, soft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        ids = self.ids(prompt, soft.shape[0])
+        private = self.private
+        self.soft_layer.soft = soft
+        try:
+            if self.kind == "clip":  # FrozenCLIPEmbedderForSDXLWithCustomWords.encode_with_transformers
+                out = private.transformer(input_ids=ids, output_hidden_states=private.layer == "hidden")
+                z = out.last_hidden_state if private.layer == "last" else out.hidden_states[private.layer_idx]
+                return z, None
+            out = private.encode_with_transformer(ids)
+            if isinstance(out, dict):  # sgm's FrozenOpenCLIPEmbedder2 (SDXL): the layer and the pooled output
+                return out[private.layer], out.get("pooled")
+            return out, None
+        finally:
+            self.soft_layer.soft = None
+
+    def decode(self, ids: list[int]) -> str:
+        tokenizer = getattr(self.private, "tokenizer", None)
+        if tokenizer is not None:
+            return tokenizer.decode(ids, skip_special_tokens=True).strip()
+        import open_clip.tokenizer  # the tokenizer the web UI's OpenCLIP hijack uses (modules/sd_hijack_open_clip.py)
+
+        return open_clip.tokenizer._tokenizer.decode([i for i in ids if i not in (self.id_start, self.id_end)]).strip()
 
 
 class HostProgress:

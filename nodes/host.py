@@ -196,8 +196,7 @@ def comfy_parts(model, clip, vae, resolution: int = 0, need_decoder: bool = True
                     cond, pooled = clip.encode_from_tokens(clip.tokenize(prompt), return_pooled=True)
                     cond = _first_chunk(cond).clone().float()
                     if sdxl:  # pack the ADM vector (pooled text + size embedding) as extra "tokens" of the cond
-                        y = base_model.encode_adm(pooled_output=pooled.clone(), width=size, height=size, crop_w=0,
-                                                  crop_h=0, target_width=size, target_height=size).float().cpu()
+                        y = adm(pooled.clone()).float().cpu()
                         cond = torch.cat([cond.cpu(), _pack(y, cond.shape[-1])], dim=1)
                 cache[prompt] = cond.to(device)
             return cache[prompt]
@@ -206,6 +205,10 @@ def comfy_parts(model, clip, vae, resolution: int = 0, need_decoder: bool = True
             return torch.cat([encode_one(p) for p in prompts]).to(dtype)
 
         adm_width = base_model.adm_channels if sdxl else 0
+
+        def adm(pooled: torch.Tensor) -> torch.Tensor:
+            return base_model.encode_adm(pooled_output=pooled, width=size, height=size, crop_w=0, crop_h=0,
+                                         target_width=size, target_height=size)
 
         def denoise(unet_call, latents, t, cond):
             extra = {}
@@ -222,7 +225,7 @@ def comfy_parts(model, clip, vae, resolution: int = 0, need_decoder: bool = True
             unet=unet, denoise=denoise, encode_text=encode_text, decode=decode,
             scheduler_config=scheduler_config(model), latent_shape=(channels, size // 8, size // 8),
             prediction_type=prediction_type(model), device=device, dtype=dtype, name=f"ComfyUI {family}",
-            token_input=None if sdxl else token_input(clip, device),
+            token_input=token_input(clip, device, adm if sdxl else None),
         )
     finally:
         unet = decoder = None
@@ -238,34 +241,69 @@ def _keep_norm_inputs(module: torch.nn.Module) -> None:
             sub.register_forward_pre_hook(lambda _m, args: (args[0].clone(), *args[1:]))
 
 
-def token_input(clip, device) -> TokenInput | None:
-    """Text conditioning from token embeddings (soft-prompt attacks) for a single-encoder CLIP (SD1.x, SD2.x): the
-    soft rows go into the token list as an embedding, as ComfyUI inserts textual-inversion embeddings
-    (`process_tokens`), and are encoded by a private copy of the text encoder (ComfyUI's weights are inference
-    tensors, which autograd cannot save; the shared CLIP is not touched). None where the CLIP is not of that kind."""
+def _text_encoders(model, tokenizers) -> list[tuple[str, str, object]]:
+    """(token key, encoder attribute, transformers tokenizer) of each text encoder of a ComfyUI CLIP, in the order its
+    conds are concatenated: one for SD1.x/SD2.x (SD1ClipModel: clip_name, clip), clip_l then clip_g for SDXL
+    (SDXLClipModel, whose conds are cat([l, g]) and whose pooled output is clip_g's). Empty for other CLIPs."""
+    if hasattr(model, "clip_name") and hasattr(model, "clip"):
+        names = [(str(model.clip_name), str(model.clip))]
+        tokenizer_attr = str(getattr(tokenizers, "clip", ""))
+        tokenizer_attrs = [tokenizer_attr]
+    elif any(c.__name__ == "SDXLClipModel" for c in type(model).__mro__):
+        names, tokenizer_attrs = [("l", "clip_l"), ("g", "clip_g")], ["clip_l", "clip_g"]
+    else:
+        return []
+    out = []
+    for (key, attr), tokenizer_attr in zip(names, tokenizer_attrs):
+        tokenizer = getattr(getattr(tokenizers, tokenizer_attr, None), "tokenizer", None)
+        if tokenizer is None or not hasattr(getattr(model, attr, None), "transformer"):
+            return []
+        out.append((key, attr, tokenizer))
+    return out
+
+
+def token_input(clip, device, adm=None) -> TokenInput | None:
+    """Text conditioning from token embeddings (soft-prompt attacks) for the CLIP of SD1.x, SD2.x (one text encoder)
+    and SDXL (clip_l and clip_g): the soft rows go into each encoder's token list as an embedding, as ComfyUI inserts
+    textual-inversion embeddings (`process_tokens`), and are encoded by a private copy of the CLIP model (ComfyUI's
+    weights are inference tensors, which autograd cannot save; the shared CLIP is not touched). For SDXL `table` is
+    the two token-embedding tables side by side (a soft token is one row, split between the encoders) and
+    `adm(pooled)` gives the ADM vector packed onto the cond, as `comfy_parts` packs it. None for other CLIPs."""
     model, tokenizers = getattr(clip, "cond_stage_model", None), getattr(clip, "tokenizer", None)
-    key, attr = getattr(model, "clip_name", None), getattr(model, "clip", None)
-    words_tokenizer = getattr(getattr(tokenizers, str(getattr(tokenizers, "clip", "")), None), "tokenizer", None)
-    if key is None or attr is None or words_tokenizer is None or not hasattr(getattr(model, attr, None), "transformer"):
+    encoders = _text_encoders(model, tokenizers)
+    if not encoders:
         return None
     clip.load_model()
     private = _private_copy(model)
     _keep_norm_inputs(private)
-    table = getattr(private, attr).transformer.get_input_embeddings().weight.detach()
-    special = set(getattr(words_tokenizer, "all_special_ids", []))
+    tables = [getattr(private, attr).transformer.get_input_embeddings().weight.detach() for _, attr, _ in encoders]
+    if len({t.shape[0] for t in tables}) != 1 or any(t.get_vocab() != encoders[0][2].get_vocab()
+                                                     for _, _, t in encoders[1:]):
+        return None  # a soft token must be one vocabulary row for every encoder
+    widths = [t.shape[1] for t in tables]
+    table = torch.cat(tables, dim=1)
+    words_tokenizer = encoders[0][2]
+    special = {i for _, _, t in encoders for i in getattr(t, "all_special_ids", [])}
     layer = getattr(clip, "layer_idx", None)
 
     def encode(prompt: str, soft: torch.Tensor) -> torch.Tensor:
-        chunk = list(clip.tokenize(prompt)[key][0])
-        k = soft.shape[0]
-        first = chunk[0]
-        tokens = [first, (soft, 1.0, *first[2:])] + chunk[1:len(chunk) - k]
+        tokenized = clip.tokenize(prompt)
+        k, start, tokens = soft.shape[0], 0, {}
+        for (key, _, _), width in zip(encoders, widths):
+            chunk = list(tokenized[key][0])
+            first = chunk[0]
+            part = soft[:, start:start + width].contiguous()
+            tokens[key] = [[first, (part, 1.0, *first[2:])] + chunk[1:len(chunk) - k]]
+            start += width
         private.reset_clip_options()
         if layer is not None:
             private.set_clip_options({"layer": layer})
         with torch.inference_mode(False):
-            cond = private.encode_token_weights({key: [tokens]})[0]
-        return _first_chunk(cond).float().to(device)
+            cond, pooled = private.encode_token_weights(tokens)[:2]
+            cond = _first_chunk(cond).float()
+            if adm is not None:  # SDXL: the ADM vector (pooled text + size embedding) as extra "tokens", as encode_one
+                cond = torch.cat([cond.cpu(), _pack(adm(pooled).float().cpu(), cond.shape[-1])], dim=1)
+        return cond.to(device)
 
     def decode(ids: list[int]) -> str:
         return words_tokenizer.decode(ids, skip_special_tokens=True).strip()

@@ -24,10 +24,19 @@ class InterruptProcessingException(Exception):
 
 
 class ComfyStyleUNet(UNet2DConditionModel):
-    """The testbed UNet behind ComfyUI's diffusion_model call signature (x, timesteps, context, y, ...)."""
+    """The testbed UNet behind ComfyUI's diffusion_model call signature (x, timesteps, context, y, ...). For SDXL, `y`
+    is ComfyUI's ADM vector (pooled text + size embeddings, `SDXLBaseModel.encode_adm`), which the UNet's label
+    embedding (diffusers: add_embedding) takes as it is."""
 
     def forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):  # noqa: B006  (ComfyUI's signature)
-        return super().forward(x, timesteps, encoder_hidden_states=context, return_dict=False)[0]
+        added = {"y": y} if y is not None else None
+        return super().forward(x, timesteps, encoder_hidden_states=context, added_cond_kwargs=added,
+                               return_dict=False)[0]
+
+    def get_aug_embed(self, emb, encoder_hidden_states, added_cond_kwargs):
+        if added_cond_kwargs and "y" in added_cond_kwargs:
+            return self.add_embedding(added_cond_kwargs["y"].to(emb.dtype))
+        return super().get_aug_embed(emb, encoder_hidden_states, added_cond_kwargs)
 
 
 class EPS:
@@ -57,6 +66,10 @@ class SD15:  # the name ComfyUI's supported_models gives SD1.x
     pass
 
 
+class SDXL:  # ... and SDXL
+    pass
+
+
 class BaseModel(torch.nn.Module):
     def __init__(self, unet, scheduler, scale_factor, config=None):
         super().__init__()
@@ -66,6 +79,25 @@ class BaseModel(torch.nn.Module):
         self.model_sampling = ModelSampling(scheduler.alphas_cumprod)
         self.manual_cast_dtype = None
         self.adm_channels = 0
+
+
+class SDXLBaseModel(BaseModel):
+    """comfy.model_base.SDXL as far as the pack uses it: adm_channels and encode_adm (the pooled text, then the
+    sinusoidal embedding of height, width, crop_h, crop_w, target height, target width). ComfyUI's embedder is a
+    256-wide Timestep; here the UNet's own time-id projection (the same sinusoid) at its toy width."""
+
+    def __init__(self, unet, scheduler, scale_factor):
+        super().__init__(unet, scheduler, scale_factor, SDXL())
+        self.adm_channels = int(unet.config.projection_class_embeddings_input_dim)
+
+    def encode_adm(self, **kwargs):
+        pooled = kwargs["pooled_output"]
+        width, height = kwargs.get("width", 768), kwargs.get("height", 768)
+        sizes = [height, width, kwargs.get("crop_h", 0), kwargs.get("crop_w", 0), kwargs.get("target_height", height),
+                 kwargs.get("target_width", width)]
+        flat = self.diffusion_model.add_time_proj(torch.tensor(sizes, dtype=torch.float32)).flatten()
+        flat = flat.unsqueeze(0).repeat(pooled.shape[0], 1)
+        return torch.cat((pooled.to(flat.device), flat), dim=1)
 
 
 class ModelPatcher:
@@ -108,55 +140,116 @@ def _residual_in_place(module, args, out):
         hidden.add_(0)  # the values stay; the version counter moves, as after ComfyUI's `x +=`
 
 
-class _ClipL(torch.nn.Module):
-    """ComfyUI's SDClipModel as far as the pack uses it: `transformer` with its token-embedding layer."""
+class _SDClip(torch.nn.Module):
+    """ComfyUI's SDClipModel as far as the pack uses it: `transformer` with its token-embedding layer, the clip options
+    (layer: "last", or a hidden layer index, with or without the final layer norm) and `encode_token_weights` of
+    one chunk [(token, weight), ...], where a token may be an embedding tensor (rows inserted at its place, as
+    `process_tokens` does for textual inversion). The pooled output is the final-normed state at the last counted
+    token (the end token: ComfyUI counts tokens up to the first end token, inserted rows included), projected where
+    the model returns its projected pooled output (SDXL's clip_g)."""
 
-    def __init__(self, text_encoder):
+    def __init__(self, text_encoder, end_token, layer="last", layer_idx=None, layer_norm_hidden_state=True,
+                 projected_pooled=False):
         super().__init__()
         self.transformer = text_encoder
-
-
-class ClipModel(torch.nn.Module):
-    """ComfyUI's SD1ClipModel (`cond_stage_model`): `encode_token_weights({"l": [[(token, weight), ...]]})`, where a
-    token may be an embedding tensor (rows inserted at its place, as `process_tokens` does for textual inversion)."""
-
-    clip_name, clip = "l", "clip_l"
-
-    def __init__(self, text_encoder):
-        super().__init__()
-        self.clip_l = _ClipL(text_encoder)
+        self.end_token = end_token
+        self.layer_norm_hidden_state, self.projected_pooled = layer_norm_hidden_state, projected_pooled
+        self.options_default = (layer, layer_idx)
+        self.layer, self.layer_idx = layer, layer_idx
         # ComfyUI's CLIPLayer adds its residuals in place (`x += self.self_attn(self.layer_norm1(x), ...)`), which
         # overwrites the input its LayerNorm saved for the backward: each layer's input is written in place here too
         for block in text_encoder.modules():
             if type(block).__name__ == "CLIPEncoderLayer":
                 block.register_forward_hook(_residual_in_place)
 
-    def reset_clip_options(self):
-        pass
-
     def set_clip_options(self, options):
-        pass
+        layer_idx = options.get("layer", self.layer_idx)
+        layers = self.transformer.config.num_hidden_layers
+        if layer_idx is None or abs(layer_idx) > layers:
+            self.layer = "last"
+        else:
+            self.layer, self.layer_idx = "hidden", layer_idx
 
-    def encode_token_weights(self, tokens):
-        chunk = tokens[self.clip_name][0]
-        encoder = self.clip_l.transformer
+    def reset_clip_options(self):
+        self.layer, self.layer_idx = self.options_default
+
+    def encode_token_weights(self, chunks):
+        chunk = chunks[0]
+        encoder = self.transformer
         layer = encoder.get_input_embeddings()
-        rows, placeholder = [], []
+        rows, placeholder, counted, ended = [], [], 0, False
         for t, *_ in chunk:
             if torch.is_tensor(t):
                 rows.append(t.view(-1, t.shape[-1]).float())
                 placeholder += [0] * rows[-1].shape[0]
+                counted += rows[-1].shape[0]
             else:
                 rows.append(layer(torch.tensor([t])).float())
                 placeholder.append(t)
+                counted += 0 if ended else 1
+                ended = ended or t == self.end_token
         embeds = torch.cat(rows)[None]
         # the transformers encoder takes ids: feed the assembled embeddings through its token-embedding layer's output
         handle = layer.register_forward_hook(lambda module, args, out: embeds.to(out.dtype))
         try:
-            out = encoder(torch.tensor([placeholder]))
+            out = encoder(torch.tensor([placeholder]), output_hidden_states=True)
         finally:
             handle.remove()
-        return out[0], out[1]
+        norm = getattr(encoder, "text_model", encoder).final_layer_norm
+        if self.layer == "last":
+            z = out.last_hidden_state
+        else:
+            z = out.hidden_states[self.layer_idx]
+            if self.layer_norm_hidden_state:
+                z = norm(z)
+        pooled = out.last_hidden_state[:, counted - 1]
+        if self.projected_pooled:
+            pooled = encoder.text_projection(pooled)
+        return z.float(), pooled.float()
+
+
+class ClipModel(torch.nn.Module):
+    """ComfyUI's SD1ClipModel (`cond_stage_model`): `encode_token_weights({"l": [[(token, weight), ...]]})`."""
+
+    clip_name, clip = "l", "clip_l"
+
+    def __init__(self, text_encoder, end_token):
+        super().__init__()
+        self.clip_l = _SDClip(text_encoder, end_token)
+
+    def reset_clip_options(self):
+        self.clip_l.reset_clip_options()
+
+    def set_clip_options(self, options):
+        self.clip_l.set_clip_options(options)
+
+    def encode_token_weights(self, tokens):
+        return self.clip_l.encode_token_weights(tokens[self.clip_name])
+
+
+class SDXLClipModel(torch.nn.Module):
+    """ComfyUI's SDXLClipModel: clip_l and clip_g, each at its penultimate hidden state without the final layer norm;
+    the cond is cat([l, g]) on the channels, the pooled output clip_g's projected one."""
+
+    def __init__(self, text_encoder, text_encoder_2, end_token):
+        super().__init__()
+        self.clip_l = _SDClip(text_encoder, end_token, "hidden", -2, layer_norm_hidden_state=False)
+        self.clip_g = _SDClip(text_encoder_2, end_token, "hidden", -2, layer_norm_hidden_state=False,
+                              projected_pooled=True)
+
+    def set_clip_options(self, options):
+        self.clip_l.set_clip_options(options)
+        self.clip_g.set_clip_options(options)
+
+    def reset_clip_options(self):
+        self.clip_g.reset_clip_options()
+        self.clip_l.reset_clip_options()
+
+    def encode_token_weights(self, token_weight_pairs):
+        g_out, g_pooled = self.clip_g.encode_token_weights(token_weight_pairs["g"])
+        l_out, l_pooled = self.clip_l.encode_token_weights(token_weight_pairs["l"])
+        cut_to = min(l_out.shape[1], g_out.shape[1])
+        return torch.cat([l_out[:, :cut_to], g_out[:, :cut_to]], dim=-1), g_pooled
 
 
 class _Tokenizer:
@@ -166,9 +259,23 @@ class _Tokenizer:
         self.clip_l = types.SimpleNamespace(tokenizer=tokenizer)
 
 
+class _SDXLTokenizer:
+    def __init__(self, tokenizer, tokenizer_2):
+        self.clip_l = types.SimpleNamespace(tokenizer=tokenizer)
+        self.clip_g = types.SimpleNamespace(tokenizer=tokenizer_2)
+
+
+def _chunk(tokenizer, text, pad):
+    """One chunk as SDTokenizer builds it: start, the words, end, padded to the length with `pad`."""
+    ids = tokenizer([text], truncation=True).input_ids[0]
+    return [(int(i), 1.0) for i in ids] + [(pad, 1.0)] * (tokenizer.model_max_length - len(ids))
+
+
 class CLIP:
+    """comfy.sd.CLIP: tokenize, encode_from_tokens (clip options reset, then `layer_idx` set: CLIPSetLastLayer)."""
+
     def __init__(self, pipe):
-        self.cond_stage_model = ClipModel(pipe.text_encoder)
+        self.cond_stage_model = ClipModel(pipe.text_encoder, pipe.tokenizer.eos_token_id)
         self.tokenizer = _Tokenizer(pipe.tokenizer)
         self.layer_idx = None
 
@@ -177,12 +284,28 @@ class CLIP:
 
     def tokenize(self, text, return_word_ids=False, **kwargs):
         tokenizer = self.tokenizer.clip_l.tokenizer
-        ids = tokenizer([text], padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
-        return {"l": [[(int(i), 1.0) for i in ids[0]]]}
+        return {"l": [_chunk(tokenizer, text, tokenizer.eos_token_id)]}
 
     def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
+        self.cond_stage_model.reset_clip_options()
+        if self.layer_idx is not None:
+            self.cond_stage_model.set_clip_options({"layer": self.layer_idx})
         cond, pooled = self.cond_stage_model.encode_token_weights(tokens)
         return (cond, pooled) if return_pooled else cond
+
+
+class SDXLCLIP(CLIP):
+    """The CLIP of an SDXL checkpoint: SDXLTokenizer (clip_l pads with the end token, clip_g with 0) and
+    SDXLClipModel."""
+
+    def __init__(self, pipe):
+        self.cond_stage_model = SDXLClipModel(pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer.eos_token_id)
+        self.tokenizer = _SDXLTokenizer(pipe.tokenizer, pipe.tokenizer_2)
+        self.layer_idx = None
+
+    def tokenize(self, text, return_word_ids=False, **kwargs):
+        return {"g": [_chunk(self.tokenizer.clip_g.tokenizer, text, 0)],
+                "l": [_chunk(self.tokenizer.clip_l.tokenizer, text, self.tokenizer.clip_l.tokenizer.eos_token_id)]}
 
 
 class FirstStage(torch.nn.Module):
@@ -374,6 +497,17 @@ def host_objects():
         unet = _as_inference(unet)
     model = ModelPatcher(BaseModel(unet, pipe.scheduler, pipe.vae.config.scaling_factor))
     return model, CLIP(pipe), VAE(pipe)
+
+
+def sdxl_host_objects(pipe):
+    """(MODEL, CLIP, VAE) of a diffusers StableDiffusionXLPipeline (tests/tiny_diffusers.py), as ComfyUI hands an SDXL
+    checkpoint's to nodes."""
+    unet = ComfyStyleUNet.from_config(pipe.unet.config)
+    unet.load_state_dict(pipe.unet.state_dict())
+    with torch.inference_mode():
+        unet = _as_inference(unet.eval())
+    model = ModelPatcher(SDXLBaseModel(unet, pipe.scheduler, pipe.vae.config.scaling_factor))
+    return model, SDXLCLIP(pipe), VAE(pipe)
 
 
 def _as_inference(module: torch.nn.Module) -> torch.nn.Module:

@@ -253,6 +253,68 @@ def test_token_input_gives_the_prompts_cond_and_a_gradient_without_touching_the_
     assert digest(encoder) == before and all(p.grad is None for p in encoder.parameters())
 
 
+@pytest.mark.parametrize("family", ["SD2.x", "SDXL"])
+def test_token_input_on_sd2_and_sdxl_gives_the_web_uis_cond_and_a_gradient_without_touching_the_host(pack, tmp_path,
+                                                                                                    family):
+    """SD2.x (OpenCLIP) and SDXL (CLIP-L + OpenCLIP-G, the table side by side): with the rows of the prompt's first
+    words the cond is exactly what get_learned_conditioning gives for the whole prompt (SDXL: with the pooled output
+    and size embeddings packed); words decode through the web UI's tokenizers; the gradient reaches every encoder's
+    part of the soft rows; the host's text encoders are unchanged and get no gradient."""
+    web = a1111_fake.family_modules(family, str(tmp_path / "Lora"))
+    sd_model = web.shared.sd_model
+    text = sd_model.cond_stage_model
+    before = digest(text)
+    with a1111_fake.open_clip_installed(web.open_clip), \
+            pack.host.a1111_parts(sd_model, web, resolution=16, need_decoder=False) as parts:
+        tokens = parts.token_input
+        ids = tokens.tokenize("a red")
+        assert tokens.decode(ids) == "a red"
+        with torch.no_grad():
+            assert torch.equal(tokens.encode("circle on a blue square", tokens.table[ids]),
+                               parts.encode_text(["a red circle on a blue square"]))
+        soft = tokens.table[ids].clone().requires_grad_(True)
+        tokens.encode("circle", soft).square().sum().backward()
+        # SDXL: CLIP-L's width, then OpenCLIP-G's
+        first = text.embedders[0].wrapped.transformer.get_input_embeddings().wrapped.weight.shape[1] \
+            if family == "SDXL" else tokens.table.shape[1]
+        assert float(soft.grad[:, :first].abs().sum()) > 0
+        assert family != "SDXL" or float(soft.grad[:, first:].abs().sum()) > 0
+    assert digest(text) == before and all(p.grad is None for p in text.parameters())
+
+
+@pytest.mark.parametrize("family", ["SD1.x", "SDXL"])
+def test_token_input_trees_are_not_patched_by_the_lora_extension(pack, request, tmp_path, monkeypatch, family):
+    """The built-in Lora extension patches a layer in place from the layer's own forward when the layer carries its
+    per-layer state (network_layer_name); the token input's private trees share the host's tensors, so they must not
+    carry it, or encoding a soft prompt would write the host's text encoder."""
+    if family == "SD1.x":
+        web = request.getfixturevalue("web")
+    else:
+        web = a1111_fake.family_modules(family, str(tmp_path / "Lora"))
+    text = web.shared.sd_model.cond_stage_model
+    layers = [m for m in text.modules() if isinstance(m, torch.nn.Linear)]
+    for i, layer in enumerate(layers):
+        layer.network_layer_name = f"te_layer_{i}"  # what the extension sets on every layer it may patch
+    forward = torch.nn.Linear.forward
+
+    def network_linear_forward(self, x):  # network_apply_weights(self), reduced to "patch when it has a name"
+        if getattr(self, "network_layer_name", None) is not None:
+            with torch.no_grad():
+                self.weight += 1
+        return forward(self, x)
+
+    before = digest(text)
+    with a1111_fake.open_clip_installed(getattr(web, "open_clip", None)), \
+            pack.host.a1111_parts(web.shared.sd_model, web, resolution=16, need_decoder=False) as parts:
+        tokens = parts.token_input
+        parts.encode_text([""])  # the host's own encoding (SDXL's size embeddings come from it), before the hook
+        monkeypatch.setattr(torch.nn.Linear, "forward", network_linear_forward)
+        with torch.no_grad():
+            tokens.encode("a red circle", tokens.table[tokens.tokenize("a")])
+        monkeypatch.setattr(torch.nn.Linear, "forward", forward)
+    assert digest(text) == before
+
+
 # --- the AlwaysVisible "TRuST delta" script ------------------------------------------------------------------------
 
 

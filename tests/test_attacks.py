@@ -183,3 +183,11 @@ def test_verify_cli_refuses_bad_input_before_loading(capsys):
     assert "unknown attack 'nope'" in capsys.readouterr().err
     assert main(["verify", "--delta", "nowhere.safetensors", "--concept", "triangle", "--threshold", "2"]) == 2
     assert "threshold must be" in capsys.readouterr().err
+
+
+def test_token_attacks_say_why_they_skip_a_model_without_token_input(base, judge_fn):
+    no_tokens = dataclasses.replace(base, token_input=None, name="a model")
+    results = attacks.run(no_tokens, "triangle", ["soft_prompt", "ring_a_bell"], base=base, judge=judge_fn)
+    for result in results.values():
+        assert result.runs == 0 and math.isnan(result.asr)
+        assert result.note.startswith("skipped: a model gives no token-embedding input"), result.note

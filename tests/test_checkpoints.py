@@ -106,6 +106,58 @@ def test_sd2_v_encodes_like_the_pipeline_with_clip_skip(sd2v):
     assert torch.equal(ours["encoder_hidden_states"], theirs["encoder_hidden_states"])
 
 
+def _text_encoders(pipe):
+    return [pipe.text_encoder, pipe.text_encoder_2]
+
+
+@pytest.mark.parametrize("clip_skip", [0, 1])
+def test_sdxl_token_input_gives_the_pipelines_cond_and_a_gradient_without_touching_the_pipeline(sdxl, clip_skip):
+    """Soft-prompt attacks on SDXL: a soft token is one row of the two encoders' tables side by side; with the rows of
+    a prompt's first words it gives exactly what encode_text gives for the whole prompt (both encoders' hidden states,
+    the pooled embeds and time ids packed), also when the prompt is truncated; the gradient reaches both halves; the
+    pipeline's encoders are unchanged and get no gradient."""
+    from conftest import digest
+
+    loaded = loading.load_model(sdxl, torch.device("cpu"), torch.float32, clip_skip=clip_skip, resolution=16)
+    pipe, parts = loaded.pipe, loaded.parts
+    before = [digest(e) for e in _text_encoders(pipe)]
+    tokens = parts.token_input
+    widths = [e.get_input_embeddings().weight.shape[1] for e in _text_encoders(pipe)]
+    assert tokens.table.shape == (len(pipe.tokenizer), sum(widths))
+    ids = tokens.tokenize("a red")
+    assert len(ids) == 2 and tokens.decode(ids) == "a red"
+    long = "a red circle on a blue square next to a green triangle under a yellow star beside a purple disc"
+    assert len(pipe.tokenizer(long).input_ids) > pipe.tokenizer.model_max_length  # the host truncates it
+    with torch.no_grad():
+        for prompt in ("a red circle on a blue square", long):
+            rest = prompt[len("a red "):]
+            assert torch.equal(tokens.encode(rest, tokens.table[ids]), parts.encode_text([prompt])), prompt
+        assert torch.equal(tokens.encode("a red circle", tokens.table[:0]), parts.encode_text(["a red circle"]))
+    soft = tokens.table[ids].clone().requires_grad_(True)
+    tokens.encode("circle", soft).square().sum().backward()
+    assert float(soft.grad[:, :widths[0]].abs().sum()) > 0 and float(soft.grad[:, widths[0]:].abs().sum()) > 0
+    assert [digest(e) for e in _text_encoders(pipe)] == before
+    assert all(p.grad is None for e in _text_encoders(pipe) for p in e.parameters())
+
+
+def test_soft_prompt_and_ring_a_bell_run_on_sdxl(sdxl, monkeypatch):
+    """The two token-input attacks run on an SDXL pipeline instead of being skipped (a tiny budget; the judge says
+    every image shows the concept: this checks that they run, not what they find)."""
+    from trust_engine import attacks
+
+    tiny = {**attacks.BUDGETS["quick"],
+            "soft_prompt": {"restarts": 1, "iterations": 2, "timesteps": 1, "concept_images": 1, "images": 1,
+                            "tokens": 2, "steps": 2},
+            "ring_a_bell": {"population": 4, "generations": 1, "tokens": 2, "prompts": 1, "images": 1, "steps": 2}}
+    monkeypatch.setitem(attacks.BUDGETS, "quick", tiny)
+    parts = loading.load_model(sdxl, torch.device("cpu"), torch.float32, resolution=16).parts
+    results = attacks.run(parts, "red circle", ["soft_prompt", "ring_a_bell"], base=parts,
+                          judge=lambda images, concept: [True] * images.shape[0])
+    for result in results.values():
+        assert result.runs > 0 and not result.note and result.asr == 1.0, result.line()
+    assert results["soft_prompt"].extra["discrete_prompts"] and results["ring_a_bell"].extra["prompts"]
+
+
 def test_dtype_and_sdxl_vae_upcast(sdxl, sd2v):
     loaded = loading.load_model(sdxl, torch.device("cpu"), torch.float16, resolution=16)
     assert loaded.parts.dtype == torch.float16 and loaded.pipe.vae.dtype == torch.float32  # as the pipeline decodes

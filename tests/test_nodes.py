@@ -382,6 +382,40 @@ def test_host_token_input_gives_the_prompts_cond_and_a_gradient_without_touching
     assert all(p.grad is None for p in clip.cond_stage_model.parameters())
 
 
+@pytest.fixture(scope="module")
+def sdxl_host(pack):
+    from tiny_diffusers import sdxl_pipeline
+
+    return comfy_fake.sdxl_host_objects(sdxl_pipeline())
+
+
+@pytest.mark.parametrize("layer_idx", [None, -1])
+def test_host_token_input_on_sdxl_feeds_both_encoders_and_gives_the_prompts_cond(pack, sdxl_host, layer_idx):
+    """SDXL in ComfyUI: a soft token is one row of clip_l's and clip_g's tables side by side, inserted into both
+    token lists; with the rows of the prompt's first words the cond (both encoders, the ADM vector packed) is exactly
+    the whole prompt's, with or without CLIPSetLastLayer; the gradient reaches both halves; the CLIP is untouched."""
+    model, clip, vae = sdxl_host
+    before = digest(clip.cond_stage_model)
+    clip.layer_idx = layer_idx
+    try:
+        with pack.nodes.host.comfy_parts(model, clip, vae, 16) as parts:
+            tokens = parts.token_input
+            width = clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight.shape[1]
+            assert tokens.table.shape[1] == width + clip.cond_stage_model.clip_g.transformer.get_input_embeddings() \
+                .weight.shape[1]
+            ids = tokens.tokenize("a red")
+            with torch.no_grad():
+                assert torch.equal(tokens.encode("circle on a blue square", tokens.table[ids]),
+                                   parts.encode_text(["a red circle on a blue square"]))
+            soft = tokens.table[ids].clone().requires_grad_(True)
+            tokens.encode("circle", soft).square().sum().backward()
+            assert float(soft.grad[:, :width].abs().sum()) > 0 and float(soft.grad[:, width:].abs().sum()) > 0
+    finally:
+        clip.layer_idx = None
+    assert digest(clip.cond_stage_model) == before
+    assert all(p.grad is None for p in clip.cond_stage_model.parameters())
+
+
 def _aligner():
     from trust_engine.parts import Aligner
     from trust_engine.testbed import bundle

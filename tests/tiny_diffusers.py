@@ -101,8 +101,8 @@ def sdxl_unet(seed: int = 0):
     return UNet2DConditionModel(**SDXL_UNET)
 
 
-def build_sdxl(folder: Path, seed: int = 0) -> Path:
-    """A StableDiffusionXLPipeline folder: two text encoders (the second with a projection: pooled embeds), a UNet
+def sdxl_pipeline(seed: int = 0):
+    """An in-memory StableDiffusionXLPipeline: two text encoders (the second with a projection: pooled embeds), a UNet
     with text_time added conditioning, an epsilon schedule, force_zeros_for_empty_prompt as in SDXL base."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -115,8 +115,12 @@ def build_sdxl(folder: Path, seed: int = 0) -> Path:
     # SDXL base ships an EulerDiscreteScheduler config; the engine builds its own DDIM from the same schedule
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
-    pipe = StableDiffusionXLPipeline(vae=_vae(), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+    return StableDiffusionXLPipeline(vae=_vae(), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                      tokenizer=tokenizer, tokenizer_2=_tokenizer(), unet=unet, scheduler=scheduler,
                                      force_zeros_for_empty_prompt=True, add_watermarker=False)
-    pipe.save_pretrained(folder)
+
+
+def build_sdxl(folder: Path, seed: int = 0) -> Path:
+    """A StableDiffusionXLPipeline folder of `sdxl_pipeline`."""
+    sdxl_pipeline(seed).save_pretrained(folder)
     return folder

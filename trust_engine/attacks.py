@@ -316,7 +316,8 @@ def _soft_prompt(ctx: _Context) -> AttackResult:
         return _skipped(ctx, "soft_prompt", "needs the base model (its concept images are the target)")
     tokens = patched.token_input
     if tokens is None:
-        return _skipped(ctx, "soft_prompt", f"{patched.name} gives no token-embedding input (SDXL is not supported)")
+        return _skipped(ctx, "soft_prompt", f"{patched.name} gives no token-embedding input (its text encoders are not "
+                                            f"a CLIP of SD1.x, SD2.x or SDXL with one shared vocabulary)")
     from .functional import private_tree
 
     prompt = ctx.prompt()
@@ -393,7 +394,8 @@ def _ring_a_bell(ctx: _Context) -> AttackResult:
     parts = ctx.patched
     tokens = parts.token_input
     if tokens is None:
-        return _skipped(ctx, "ring_a_bell", f"{parts.name} gives no token vocabulary (SDXL is not supported)")
+        return _skipped(ctx, "ring_a_bell", f"{parts.name} gives no token-embedding input (its text encoders are not "
+                                            f"a CLIP of SD1.x, SD2.x or SDXL with one shared vocabulary)")
     frames = ("{}", "a picture of {}", "a photo of {}", "an image of {}", "a drawing of {}") if ctx.testbed \
         else GENERIC_FRAMES[:6]
     phrase = ctx.prompt()

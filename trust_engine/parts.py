@@ -99,7 +99,7 @@ class TokenInput:
     tokenize: Callable[[str], list[int]]  # a text's token ids, without start / end / padding
 
 
-class _SoftTokens(nn.Module):
+class SoftTokens(nn.Module):
     """Stands in for a private text-encoder copy's token-embedding layer: the host layer's output with rows 1..k
     replaced by `soft` while one is set (the ids there are placeholders)."""
 
@@ -117,28 +117,55 @@ class _SoftTokens(nn.Module):
         return torch.cat([out[:, :1], soft, out[:, 1 + k:]], dim=1)
 
 
-def hf_token_input(encoder: nn.Module, tokenizer, device, hidden_layer: int | None = None) -> TokenInput:
-    """TokenInput of a transformers CLIP text encoder (diffusers' SD1.x/SD2.x pipelines, AUTOMATIC1111's SD1.x) over a
-    private module tree (the host's tensors, frozen; the host's modules are not changed). `hidden_layer` = -n takes
-    the n-th hidden state from the end through the final layer norm (clip skip); None the last output."""
+def _soft_copy(encoder: nn.Module, tree=None) -> tuple[nn.Module, SoftTokens]:
+    """A private module tree of a transformers text encoder (the host's tensors, frozen; the host's modules are not
+    changed) whose token-embedding layer is a `SoftTokens` over a private copy of the host's layer. `tree(module,
+    memo)` makes the private tree (default `private_tree_with`; a host may strip its own per-layer state)."""
     from .functional import private_tree
 
     host_embedding = encoder.get_input_embeddings()
     # AUTOMATIC1111 wraps the layer (EmbeddingsWithFixes, textual inversion) and keeps the original as `.wrapped`
     base = getattr(host_embedding, "wrapped", host_embedding)
-    soft_layer = _SoftTokens(private_tree(base))
-    memo = {id(host_embedding): soft_layer}
-    private = private_tree_with(encoder, memo)
+    soft_layer = SoftTokens(private_tree(base))
+    return (tree or private_tree_with)(encoder, {id(host_embedding): soft_layer}), soft_layer
+
+
+def _ids_with_room(tokenizer, prompt: str, k: int) -> torch.Tensor:
+    """1 x model_max_length ids of `prompt` as the host tokenizes it (padded, truncated) with k placeholders (the
+    start token) right after the start token: the prompt is truncated to leave them room, so the end token stays, as
+    when the host tokenizes the k words followed by the prompt."""
+    length = tokenizer.model_max_length
+    if k > length - 2:
+        raise ValueError(f"{k} soft tokens do not fit the text encoder's {length} positions (start and end included)")
+    ids = tokenizer([prompt], padding="max_length", max_length=length - k, truncation=True,
+                    return_tensors="pt").input_ids
+    return torch.cat([ids[:, :1], ids[:, :1].expand(1, k), ids[:, 1:]], dim=1)
+
+
+def _words_and_text(tokenizer, table: torch.Tensor, special: set[int]):
+    """(ids of ordinary tokens, decode, tokenize) of a transformers tokenizer."""
+    words = torch.tensor([i for i in range(table.shape[0]) if i not in special])
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def tokenize(text: str) -> list[int]:
+        return [i for i in tokenizer(text).input_ids if i not in special]
+
+    return words, decode, tokenize
+
+
+def hf_token_input(encoder: nn.Module, tokenizer, device, hidden_layer: int | None = None, tree=None) -> TokenInput:
+    """TokenInput of a transformers CLIP text encoder (diffusers' SD1.x/SD2.x pipelines, AUTOMATIC1111's SD1.x) over a
+    private module tree (the host's tensors, frozen; the host's modules are not changed; `tree` as in `_soft_copy`).
+    `hidden_layer` = -n takes the n-th hidden state from the end through the final layer norm (clip skip); None the
+    last output."""
+    private, soft_layer = _soft_copy(encoder, tree)
     table = soft_layer.embedding.weight.detach()
     special = set(getattr(tokenizer, "all_special_ids", []))
-    words = torch.tensor([i for i in range(table.shape[0]) if i not in special])
-    length = tokenizer.model_max_length
 
     def encode(prompt: str, soft: torch.Tensor) -> torch.Tensor:
-        k = soft.shape[0]
-        ids = tokenizer([prompt], padding="max_length", max_length=length, truncation=True,
-                        return_tensors="pt").input_ids
-        ids = torch.cat([ids[:, :1], ids[:, :1].expand(1, k), ids[:, 1:length - k]], dim=1).to(device)
+        ids = _ids_with_room(tokenizer, prompt, soft.shape[0]).to(device)
         soft_layer.soft = soft
         try:
             if hidden_layer is None:
@@ -148,12 +175,53 @@ def hf_token_input(encoder: nn.Module, tokenizer, device, hidden_layer: int | No
         finally:
             soft_layer.soft = None
 
-    def decode(ids: list[int]) -> str:
-        return tokenizer.decode(ids, skip_special_tokens=True).strip()
+    words, decode, tokenize = _words_and_text(tokenizer, table, special)
+    return TokenInput(table=table, encode=encode, decode=decode, words=words, tokenize=tokenize)
 
-    def tokenize(text: str) -> list[int]:
-        return [i for i in tokenizer(text).input_ids if i not in special]
 
+def sdxl_token_input(pipe, device, clip_skip: int | None, extra: Callable[[torch.Tensor], torch.Tensor]) -> \
+        TokenInput | None:
+    """TokenInput of a StableDiffusionXLPipeline's two text encoders, as its `encode_prompt` encodes a prompt: each
+    encoder's penultimate hidden state (or the one `clip_skip` further back), side by side, and the second encoder's
+    projected pooled output, which `extra(pooled)` turns into the vector `from_pipeline` packs onto the cond (pooled
+    + time ids). `table` is the two token-embedding tables side by side (vocabulary x (D1 + D2)): a soft token is one
+    row, split between the encoders. Private module trees over the pipeline's tensors; nothing of `pipe` is changed.
+    None when the encoders do not share one vocabulary. The empty prompt with no soft tokens is encoded as text
+    (`encode_text("")` is the pipeline's unconditional branch, zeros on SDXL base)."""
+    pairs = [(t, e) for t, e in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2))
+             if e is not None and t is not None]
+    if not pairs or pipe.text_encoder_2 is None:
+        return None
+    vocab = pairs[0][0].get_vocab()
+    if any(t.get_vocab() != vocab or e.get_input_embeddings().weight.shape[0] !=
+           pairs[0][1].get_input_embeddings().weight.shape[0] for t, e in pairs[1:]):
+        return None
+    copies = [(tokenizer, *_soft_copy(encoder)) for tokenizer, encoder in pairs]
+    widths = [layer.embedding.weight.shape[1] for _, _, layer in copies]
+    table = torch.cat([layer.embedding.weight.detach() for _, _, layer in copies], dim=1)
+    layer = -(clip_skip + 2) if clip_skip else -2  # "2" because SDXL always indexes from the penultimate layer
+    dtype = pipe.text_encoder_2.dtype
+
+    def encode(prompt: str, soft: torch.Tensor) -> torch.Tensor:
+        hidden, pooled, start = [], None, 0
+        for (tokenizer, private, soft_layer), width in zip(copies, widths):
+            ids = _ids_with_room(tokenizer, prompt, soft.shape[0]).to(device)
+            soft_layer.soft = soft[:, start:start + width]
+            start += width
+            try:
+                out = private(ids, output_hidden_states=True)
+            finally:
+                soft_layer.soft = None
+            if pooled is None and out[0].ndim == 2:  # as the pipeline: the projected pooled output of the last encoder
+                pooled = out[0]
+            hidden.append(out.hidden_states[layer])
+        embeds = torch.concat(hidden, dim=-1).to(device, dtype)
+        vector = extra(pooled.to(device, embeds.dtype))
+        return torch.cat([embeds, pack_extra(vector, embeds.shape[-1])], dim=1)
+
+    tokenizer = pairs[0][0]
+    special = {i for t, _ in pairs for i in getattr(t, "all_special_ids", [])}
+    words, decode, tokenize = _words_and_text(tokenizer, table, special)
     return TokenInput(table=table, encode=encode, decode=decode, words=words, tokenize=tokenize)
 
 
@@ -290,14 +358,18 @@ def from_pipeline(pipe, name: str = "diffusers pipeline", check_prompt=None, cli
     if sdxl:
         projection = int(pipe.text_encoder_2.config.projection_dim) if pipe.text_encoder_2 is not None else None
 
+        def sdxl_extra(pooled: torch.Tensor) -> torch.Tensor:
+            """The pooled embeds (B x P, on the device in the embeds' dtype) and the pipeline's time ids."""
+            time_ids = pipe._get_add_time_ids((size, size), (0, 0), (size, size), dtype=pooled.dtype,
+                                              text_encoder_projection_dim=projection or int(pooled.shape[-1]))
+            return torch.cat([pooled, time_ids.to(device).expand(pooled.shape[0], -1)], dim=1)
+
         def encode_one(prompt: str) -> torch.Tensor:
             uncond = prompt == ""
             out = pipe.encode_prompt(prompt=[prompt], device=device, num_images_per_prompt=1,
                                      do_classifier_free_guidance=uncond, negative_prompt=None, clip_skip=clip_skip)
             embeds, pooled = (out[1], out[3]) if uncond else (out[0], out[2])
-            time_ids = pipe._get_add_time_ids((size, size), (0, 0), (size, size), dtype=embeds.dtype,
-                                              text_encoder_projection_dim=projection or int(pooled.shape[-1]))
-            extra = torch.cat([pooled.to(device, embeds.dtype), time_ids.to(device)], dim=1)
+            extra = sdxl_extra(pooled.to(device, embeds.dtype))
             return torch.cat([embeds, pack_extra(extra, embeds.shape[-1])], dim=1)
     else:
         def encode_one(prompt: str) -> torch.Tensor:
@@ -346,8 +418,9 @@ def from_pipeline(pipe, name: str = "diffusers pipeline", check_prompt=None, cli
         def denoise(unet_call, latents, t, cond):
             return unet_call(latents, t, encoder_hidden_states=cond, return_dict=False)[0]
 
-    token_input = None
-    if not sdxl:  # SDXL's two text encoders and pooled embeds: not given token input here
+    if sdxl:
+        token_input = sdxl_token_input(pipe, device, clip_skip, sdxl_extra)
+    else:
         token_input = hf_token_input(pipe.text_encoder, pipe.tokenizer, device,
                                      None if clip_skip is None else -(clip_skip + 1))
     return DiffusionParts(

@@ -120,5 +120,58 @@ class TrustProbeFailNextRun:
         return {"ui": {"armed": [True]}}
 
 
+def _clip_digest(clip) -> str:
+    digest = hashlib.sha256()
+    for key, value in sorted(clip.cond_stage_model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class TrustProbeTokenInput:
+    """The pack's token input (soft-prompt attacks) on this MODEL/CLIP/VAE: the largest difference between the cond of
+    `words + prompt` and the token input's cond of `prompt` with the table rows of `words`, the gradient on each
+    encoder's part of the soft rows, and whether the CLIP's weights stayed the same and got no gradient."""
+
+    CATEGORY = "testing/trust"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "probe"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "clip": ("CLIP",), "vae": ("VAE",),
+                             "words": ("STRING", {"default": "a red"}),
+                             "prompt": ("STRING", {"default": "circle on a blue square"})}}
+
+    @classmethod
+    def IS_CHANGED(cls, **_):
+        return float("nan")
+
+    def probe(self, model, clip, vae, words, prompt):
+        host = next(m for name, m in sys.modules.items() if name.endswith(".nodes.host") and hasattr(m, "comfy_parts"))
+        before = _clip_digest(clip)
+        with torch.inference_mode(False), host.comfy_parts(model, clip, vae, 64, need_decoder=False) as parts:
+            tokens = parts.token_input
+            if tokens is None:
+                return {"ui": {"token_input": [False]}}
+            ids = tokens.tokenize(words)
+            with torch.no_grad():
+                ours = tokens.encode(prompt, tokens.table[ids]).float()
+                theirs = parts.encode_text([f"{words} {prompt}"]).float()
+            soft = tokens.table[ids].clone().float().requires_grad_(True)
+            tokens.encode(prompt, soft).float().square().sum().backward()
+            grads, start = [], 0  # the gradient on each text encoder's part of the soft rows
+            for _, attr, _ in host._text_encoders(clip.cond_stage_model, clip.tokenizer):
+                width = getattr(clip.cond_stage_model, attr).transformer.get_input_embeddings().weight.shape[1]
+                grads.append(float(soft.grad[:, start:start + width].abs().sum()))
+                start += width
+        no_grad = all(p.grad is None for p in clip.cond_stage_model.parameters())
+        return {"ui": {"token_input": [True], "table": list(tokens.table.shape), "shape": list(ours.shape),
+                       "max_abs_diff": [float((ours - theirs).abs().max())] if ours.shape == theirs.shape else [-1.0],
+                       "equal": [bool(torch.equal(ours, theirs))], "grads": grads,
+                       "clip_unchanged": [_clip_digest(clip) == before and no_grad]}}
+
+
 NODE_CLASS_MAPPINGS = {"TrustProbeWeights": TrustProbeWeights, "TrustProbeSaveWeights": TrustProbeSaveWeights,
-                       "TrustProbeFailNextRun": TrustProbeFailNextRun}
+                       "TrustProbeFailNextRun": TrustProbeFailNextRun, "TrustProbeTokenInput": TrustProbeTokenInput}
