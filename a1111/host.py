@@ -262,8 +262,13 @@ class HostProgress:
     # the curves are redrawn at most this often (seconds) while training; the last step always draws
     CURVES_EVERY = 1.0
 
-    def __init__(self, state, prepare: int, steps: int, title: str = "") -> None:
-        self.state, self.prepare, self.total, self.title = state, prepare, prepare + steps, title
+    def __init__(self, state, prepare: int, steps: int, title: str = "", by_stage: bool = False,
+                 label: str = "TRuST") -> None:
+        """TRuST: `prepare` generated images, then `steps` steps on one bar. `by_stage` (the other methods, whose
+        stages each report their own totals): the bar shows the current stage's share done, out of 100. `label`
+        starts the progress text (the method)."""
+        self.state, self.prepare, self.title, self.by_stage, self.label = state, prepare, title, by_stage, label
+        self.total = 100 if by_stage else prepare + steps
         self.history: list[dict] = []
         self.drawn_at = 0.0
         state.job = "TRuST unlearning"
@@ -275,13 +280,16 @@ class HostProgress:
     def __call__(self, event: ProgressEvent) -> None:
         if self.state.interrupted or getattr(self.state, "stopping_generation", False):
             raise Interrupted("interrupted: nothing was saved and the model is unchanged")
-        done = min(event.step, self.prepare) if event.stage == "prepare" else self.prepare + event.step
+        if self.by_stage:
+            done = round(100 * min(event.step, event.total) / max(1, event.total))
+        else:
+            done = min(event.step, self.prepare) if event.stage == "prepare" else self.prepare + event.step
         self.state.sampling_step = done
-        self.state.textinfo = f"TRuST {event.stage} {event.step}/{event.total}: {event.message}".strip()
-        if event.stage != "prepare" and event.metrics:
+        self.state.textinfo = f"{self.label} {event.stage} {event.step}/{event.total}: {event.message}".strip()
+        # the curves are the training steps' (other stages' metrics, e.g. SalUn's mask loss, count other steps)
+        if event.stage == "unlearn" and event.metrics:
             self.history.append({"step": event.step, **event.metrics})
-            if event.stage == "unlearn":
-                self.draw_curves(force=event.finished)
+            self.draw_curves(force=event.finished)
 
     def draw_curves(self, force: bool = False) -> None:
         """The loss / forget-score curves so far as the web UI's live preview (state.assign_current_image): the tab
