@@ -514,9 +514,15 @@ def test_a_request_without_the_method_fields_still_runs_trust(pack, web):
     with safe_open(out["file"], framework="pt") as f:
         meta = f.metadata()
     assert meta["method"] == "trust" and meta["loss"] == "cip"
-    concepts = importlib.import_module(PACK + ".trust_engine.concepts")
+    # the key as TRuST files held it before there were other methods (no "method" entry), so they are still reused
+    import dataclasses
+    import hashlib
+
+    expanded = importlib.import_module(PACK + ".trust_engine.concepts").expand_all("red circle", "individual")
     config = pack.job.build_config("CIP", 2, 5e-3, 0.1, 0.0, 2.0, 1, 0, 4)
-    key = pack.job.cache_key(concepts.expand_all("red circle", "individual"), config, 64, "", "", meta["base_fingerprint"])
-    assert meta["cache_key"] == key
+    blob = json.dumps({"concepts": [(e.text, e.mode, e.forget, e.preserve, e.anchor) for e in expanded],
+                       "config": dataclasses.asdict(config), "resolution": 64, "aligner": "", "neurons": "",
+                       "base": meta["base_fingerprint"], "engine": pack.job.__version__}, sort_keys=True)
+    assert meta["cache_key"] == hashlib.sha256(blob.encode()).hexdigest()[:32]
     positional = pack.run.Request("red circle", "individual", "CIP", 2, 5e-3, 0.1, 0.0, 2.0, 1, 0, 4, 64, "", "", "")
     assert positional.method == "trust" and positional.method_settings == ""
