@@ -10,6 +10,8 @@ import os
 import sys
 import types
 
+import torch
+
 from ..trust_engine import concepts as concept_specs
 from ..trust_engine import job, ranges
 from . import host
@@ -137,8 +139,11 @@ def unlearn(request: Request, modules=None) -> dict:
                                     open_parts=functools.partial(open_parts, need_decoder=aligner is not None))
     else:  # the TRuST-only inputs (loss, steps, learning rates, β, ξ, mask refresh, images, aligner) are not read
         progress = host.HostProgress(shared.state, 0, 0, curves_title(request), by_stage=True, label=method)
+        # the web UI adds a .diff in the .diff's dtype: float32 ones on a float32 model (--no-half), else float16
+        weight = next(sd_model.model.diffusion_model.parameters())
         run_job = functools.partial(job.run_method, method=method, config=config, progress=progress, **common,
-                                    open_parts=functools.partial(open_parts, need_decoder=False))
+                                    open_parts=functools.partial(open_parts, need_decoder=False),
+                                    param_dtype=torch.float32 if weight.dtype == torch.float32 else torch.float16)
     with host.attention_for_training(modules.sd_hijack, shared.opts):
         host.restore_lora_patches(sd_model)
         outcome = run_job(base_weights=host.effective_site_weights(sd_model))

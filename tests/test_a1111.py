@@ -450,7 +450,9 @@ def test_uce_from_the_tab_saves_the_engines_uce_delta_in_the_lora_folder(pack, w
         expected = methods.run("uce", parts, expanded, methods.config_for("uce", erase_scale=30.0))
     assert expected.params
     written = load_file(str(path))
-    wanted = expected.to_lora()
+    # in float32 on a float32 model: the web UI adds a .diff in its own dtype (float16 would round the whole layer)
+    wanted = expected.to_lora(torch.float32)
+    assert {t.dtype for k, t in written.items() if k.endswith(".diff")} == {torch.float32}
     assert set(written) == set(wanted)
     for key, tensor in wanted.items():
         assert torch.equal(written[key], tensor), key

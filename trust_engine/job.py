@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from . import __version__, methods
-from .delta import Delta, fingerprint
+from .delta import PARAM_DTYPE, Delta, fingerprint
 from .parts import DiffusionParts
 from .saliency import SaliencyConfig
 from .sketch import SKETCH_KEY, sketch
@@ -136,12 +136,15 @@ def kohya_metadata(family: str, prediction_type: str, output_name: str, resoluti
             str(prediction_type == "v_prediction"), "ss_training_comment": "TRuST concept erasure delta"}
 
 
-def save(delta: Delta, folder: str, name: str, extra_metadata: dict[str, str] | None = None) -> str:
+def save(delta: Delta, folder: str, name: str, extra_metadata: dict[str, str] | None = None,
+         param_dtype: torch.dtype | None = None) -> str:
+    """Save under a free name in `folder`; `param_dtype`: the dtype of dense differences (Delta.to_lora's default
+    when None)."""
     os.makedirs(folder, exist_ok=True)
     path = free_path(folder, name)
     stem = os.path.splitext(os.path.basename(path))[0]
     metadata = {k: (stem if k == "ss_output_name" else v) for k, v in (extra_metadata or {}).items()}
-    dataclasses.replace(delta, metadata={**delta.metadata, **metadata}).save(path)
+    dataclasses.replace(delta, metadata={**delta.metadata, **metadata}).save(path, param_dtype or PARAM_DTYPE)
     return path
 
 
@@ -210,10 +213,12 @@ def run_unlearn(*, expanded, config: UnlearnConfig, base_weights: dict[str, torc
 
 def run_method(*, method: str, expanded, config, base_weights: dict[str, torch.Tensor], folder: str, file_name: str,
                open_parts: Callable[[], AbstractContextManager[DiffusionParts]], progress, host: str, family: str,
-               resolution: int, file_metadata: dict[str, str] | None = None, folder_label: str = "") -> JobOutcome:
+               resolution: int, file_metadata: dict[str, str] | None = None, folder_label: str = "",
+               param_dtype: torch.dtype | None = None) -> JobOutcome:
     """run_unlearn for the other methods (`method_config` gives their config): reuse the saved delta for these inputs,
-    or run the method through methods.run and save it (default name trust_<method>_<concept>). The report names the
-    method and its settings. `history`: the delta's recorded curve, empty for methods that record none."""
+    or run the method through methods.run and save it (default name trust_<method>_<concept>; dense differences in
+    `param_dtype`, see `save`). The report names the method and its settings. `history`: the delta's recorded curve,
+    empty for methods that record none."""
     base_fp = fingerprint(base_weights)
     key = cache_key(expanded, config, resolution, "", "", base_fp, method)
     lines = [e.explain() for e in expanded]
@@ -230,7 +235,7 @@ def run_method(*, method: str, expanded, config, base_weights: dict[str, torch.T
                             metadata={"mode": expanded[0].mode, "model": parts.name, "cache_key": key, "host": host,
                                       SKETCH_KEY: sketch(base_weights)})
         share = share_line(delta, parts.unet)
-    path = save(delta, folder, file_name or slug(expanded[0].text, method), file_metadata)
+    path = save(delta, folder, file_name or slug(expanded[0].text, method), file_metadata, param_dtype)
     lines.insert(0, f"Saved {os.path.basename(path)} in {where}.")
     lines += [methods.report(delta), f"settings: {delta.metadata.get('config', '')}", share]
     return JobOutcome(delta, path, json.loads(delta.metadata.get("history", "[]")), "\n".join(lines), False)
