@@ -1,11 +1,11 @@
-"""API routes: POST /trust/v1/unlearn and POST /trust/v1/bake (queue-locked like txt2img; progress and interrupt
-through /sdapi/v1/progress and /sdapi/v1/interrupt) and GET /trust/v1/deltas."""
+"""API routes: POST /trust/v1/unlearn, /trust/v1/bake, /trust/v1/verify and /trust/v1/saliency (queue-locked like
+txt2img; progress and interrupt through /sdapi/v1/progress and /sdapi/v1/interrupt) and GET /trust/v1/deltas."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from . import bake, host, run
+from . import bake, host, run, saliency, verify
 
 
 def request_model(request_class=run.Request, name: str = "TrustUnlearnRequest"):
@@ -47,6 +47,8 @@ def mount(demo, app) -> None:
 
     Body = request_model()
     BakeBody = request_model(bake.BakeRequest, "TrustBakeRequest")
+    VerifyBody = request_model(verify.VerifyRequest, "TrustVerifyRequest")
+    SaliencyBody = request_model(saliency.SaliencyRequest, "TrustSaliencyRequest")
 
     def unlearn(body: Body):  # a plain def: FastAPI runs it in a thread, so progress/interrupt stay answerable
         return locked("trust_unlearn", lambda: run.unlearn(run.Request(**values(body))))
@@ -54,13 +56,31 @@ def mount(demo, app) -> None:
     def bake_route(body: BakeBody):
         return locked("trust_bake", lambda: bake.bake(bake.BakeRequest(**values(body))))
 
+    def verify_route(body: VerifyBody):  # the report and pass / fail as JSON (the worst cases' prompts, no images)
+        def work():
+            out = verify.verify(verify.VerifyRequest(**values(body)))
+            return {"report": out["report"], "passed": out["passed"], "result": out["json"]}
+
+        return locked("trust_verify", work)
+
+    def saliency_route(body: SaliencyBody):  # the summary and the concept neurons per site (no heatmap image)
+        def work():
+            out = saliency.find(saliency.SaliencyRequest(**values(body)))
+            return {"summary": out["summary"], "mode": out["mode"], "neurons": out["neurons"]}
+
+        return locked("trust_saliency", work)
+
     # real classes, not the strings `from __future__ import annotations` makes
     unlearn.__annotations__["body"] = Body
     bake_route.__annotations__["body"] = BakeBody
+    verify_route.__annotations__["body"] = VerifyBody
+    saliency_route.__annotations__["body"] = SaliencyBody
 
     def deltas():
         return {"deltas": run.list_deltas(shared)}
 
     app.add_api_route("/trust/v1/unlearn", unlearn, methods=["POST"])
     app.add_api_route("/trust/v1/bake", bake_route, methods=["POST"])
+    app.add_api_route("/trust/v1/verify", verify_route, methods=["POST"])
+    app.add_api_route("/trust/v1/saliency", saliency_route, methods=["POST"])
     app.add_api_route("/trust/v1/deltas", deltas, methods=["GET"])

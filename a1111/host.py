@@ -22,7 +22,7 @@ from ..trust_engine.functional import DECODER_BLOCKS, checkpoint_blocks
 from ..trust_engine.job import NATIVE_RESOLUTION
 from ..trust_engine.parts import DiffusionParts, hf_token_input, pack_extra, unpack_extra
 from ..trust_engine.progress import ProgressEvent
-from ..trust_engine.unet_view import UnknownArchitectureError, find_sites, site_weight
+from ..trust_engine.unet_view import UnknownArchitectureError, find_sites, site_weight, site_weights, weight_path
 
 NETWORK_ATTRS = ("network_layer_name", "network_current_names", "network_weights_backup", "network_bias_backup")
 
@@ -135,7 +135,10 @@ def private_tree(module: torch.nn.Module) -> torch.nn.Module:
         for attr in NETWORK_ATTRS:
             if attr in m.__dict__:
                 delattr(m, attr)
-    return private.requires_grad_(False).eval()
+    private.requires_grad_(False)
+    for m in private.modules():  # not .eval(): ldm sets first_stage_model.train to a plain function that returns its
+        m.training = False  # argument, so .eval() on it answers False instead of the module
+    return private
 
 
 @contextlib.contextmanager
@@ -167,9 +170,34 @@ def effective_site_weights(sd_model) -> dict[str, torch.Tensor]:
 
 
 def _ldm_path(unet, site) -> str:
-    from ..trust_engine.unet_view import weight_path
-
     return weight_path(unet, site)
+
+
+def put_delta(unet: torch.nn.Module, delta, strength: float = 1.0) -> int:
+    """Make a private tree (`private_tree`, over the host's tensors) sample as base + strength x delta, by giving it
+    new parameters where the delta changes something: the host's tensors are never written. Raises ValueError when
+    the delta does not fit this UNet. Returns how many parameters were replaced."""
+    from ..trust_engine.delta import BaseMismatchError
+    from ..trust_engine.unet_params import parameter_map
+
+    sites = {s.name: s for s in find_sites(unet, include_out=True)}
+    try:
+        new = delta.apply_to(site_weights(unet, list(sites.values())), strength)  # checks names and shapes first
+    except (BaseMismatchError, KeyError) as e:
+        raise HostModelError(f"this delta does not fit the loaded checkpoint's UNet: {e}") from None
+    replace = {f"{weight_path(unet, sites[n])}.weight": w for n, w in new.items()}
+    if delta.params:
+        table, live = parameter_map(unet), dict(unet.named_parameters())
+        for name, diff in delta.params.items():
+            if name not in table or tuple(live[table[name]].shape) != tuple(diff.shape):
+                raise HostModelError(f"this delta changes {name}, which the loaded checkpoint's UNet does not have "
+                                     f"in that shape: it was made for another architecture")
+            w = live[table[name]].detach()
+            replace[table[name]] = (w.float() + strength * diff.to(w.device).float()).to(w.dtype)
+    for path, tensor in replace.items():
+        owner, _, attr = path.rpartition(".")
+        setattr(unet.get_submodule(owner), attr, torch.nn.Parameter(tensor, requires_grad=False))
+    return len(replace)
 
 
 @contextlib.contextmanager
@@ -263,15 +291,15 @@ class HostProgress:
     CURVES_EVERY = 1.0
 
     def __init__(self, state, prepare: int, steps: int, title: str = "", by_stage: bool = False,
-                 label: str = "TRuST") -> None:
-        """TRuST: `prepare` generated images, then `steps` steps on one bar. `by_stage` (the other methods, whose
-        stages each report their own totals): the bar shows the current stage's share done, out of 100. `label`
-        starts the progress text (the method)."""
+                 job: str = "TRuST unlearning", label: str = "TRuST") -> None:
+        """TRuST: `prepare` generated images, then `steps` steps on one bar. `by_stage` (jobs whose stages each
+        report their own totals: the other methods, the attacks): the bar shows the current stage's share done, out
+        of 100. `label` starts the progress text (the method)."""
         self.state, self.prepare, self.title, self.by_stage, self.label = state, prepare, title, by_stage, label
         self.total = 100 if by_stage else prepare + steps
         self.history: list[dict] = []
         self.drawn_at = 0.0
-        state.job = "TRuST unlearning"
+        state.job = job
         state.job_count = 1
         state.job_no = 0
         state.sampling_steps = self.total

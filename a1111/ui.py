@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import html
 
-from ..trust_engine import methods, ranges
+from ..trust_engine import attacks, methods, ranges
 from ..trust_engine.render import training_curves
 from . import bake as bake_module
 from . import delta_script, host, run
+from . import saliency as saliency_module
+from . import verify as verify_module
 
 MODES = list(ranges.RANGES["mode"].choices)
 LOSSES = [c.upper() for c in ranges.RANGES["loss"].choices]
@@ -47,6 +49,35 @@ def bake(id_task, delta, strength, file_name):
     except host.Interrupted as e:
         return f"Interrupted: {e}", ""
     return out["report"], ""
+
+
+def find_neurons(id_task, concept, concepts, xi, seed, steps, images, anchor, aligner, resolution):
+    """The "Find concept neurons" button (under wrap_gradio_gpu_call): the heatmap, the summary, the error HTML.
+    Without a concept of its own it looks for the first of the concepts to erase."""
+    first = next((line.strip() for line in (concepts or "").splitlines() if line.strip()), "")
+    request = saliency_module.SaliencyRequest(concept=(concept or "").strip() or first, xi=float(xi), seed=int(seed), steps=int(steps),
+                                              images=int(images), anchor=anchor, aligner=aligner,
+                                              resolution=int(resolution))
+    try:
+        out = saliency_module.find(request)
+    except host.Interrupted as e:
+        return None, f"Interrupted: {e}", ""
+    return out["heatmap"], out["summary"], ""
+
+
+def verify(id_task, delta, strength, concept, chosen, budget, threshold, seed, paraphrases, aligner, resolution):
+    """The Verify button (under wrap_gradio_gpu_call): the worst cases, the verdict HTML, the report, the error HTML."""
+    request = verify_module.VerifyRequest(delta=delta, aligner=aligner, concept=concept, strength=float(strength),
+                                          attacks=", ".join(chosen or []), budget=budget, threshold=float(threshold),
+                                          seed=int(seed), paraphrases=paraphrases, resolution=int(resolution))
+    try:
+        out = verify_module.verify(request)
+    except host.Interrupted as e:
+        return None, "", f"Interrupted: {e}", ""
+    verdict = ("<p><b>PASS</b>: every attack's success rate is at or below the threshold at this budget.</p>"
+               if out["passed"] else
+               "<p><b>FAIL</b>: an attack brought the concept back more often than the threshold allows.</p>")
+    return out["grid"], verdict, out["report"], ""
 
 
 def tabs():
@@ -110,6 +141,57 @@ def tabs():
                     bake_report = gr.Textbox(label="Bake report", lines=3, interactive=False,
                                              elem_id="trust_bake_report")
                     bake_error = gr.HTML(elem_id="trust_bake_error")
+                with gr.Accordion("Concept saliency: where the concept lives", open=False,
+                                  elem_id="trust_saliency_panel"):
+                    sal_concept = gr.Textbox(label="Concept (empty = the first line of Concepts to erase)",
+                                             elem_id="trust_saliency_concept")
+                    with gr.Row():
+                        sal_steps = gr.Slider(label="Sampling steps", value=10, step=1, elem_id="trust_saliency_steps",
+                                              **_limits("saliency_steps"))
+                        sal_images = gr.Slider(label="Images", value=4, step=1, elem_id="trust_saliency_images",
+                                               **_limits("saliency_images"))
+                        sal_anchor = gr.Textbox(label="Anchor (noise contrast; empty = unconditional)",
+                                                elem_id="trust_saliency_anchor")
+                    sal_start = gr.Button("Find concept neurons", elem_id="trust_saliency")
+                    sal_heatmap = gr.Image(label="Concept neurons per block (share of rows; count, max z)",
+                                           type="numpy", interactive=False, elem_id="trust_saliency_heatmap")
+                    sal_summary = gr.Textbox(label="Saliency summary", lines=4, interactive=False,
+                                             elem_id="trust_saliency_summary")
+                    sal_error = gr.HTML(elem_id="trust_saliency_error")
+                with gr.Accordion("Verify an erasure: attack it", open=False, elem_id="trust_verify_panel"):
+                    gr.HTML("<p>Runs attacks that try to bring the concept back on the loaded checkpoint with a "
+                            "delta applied, judged by the aligner chosen above (required). Passing is not a "
+                            "guarantee: a delta can be unloaded, and larger white-box budgets recover most erased "
+                            "concepts in the literature.</p>")
+                    with gr.Row():
+                        ver_delta = gr.Dropdown(delta_script.choices(shared), value=delta_script.NONE,
+                                                label="Delta (TRuST files in the Lora folder)",
+                                                elem_id="trust_verify_delta")
+                        ui_common.create_refresh_button(ver_delta, lambda: None,
+                                                        lambda: {"choices": delta_script.choices(shared)},
+                                                        "trust_verify_refresh")
+                        ver_strength = gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label="Strength",
+                                                 elem_id="trust_verify_strength")
+                    ver_concept = gr.Textbox(label="Concept (empty = the first one the delta erases)",
+                                             elem_id="trust_verify_concept")
+                    ver_attacks = gr.CheckboxGroup(list(attacks.ATTACKS), value=list(attacks.ATTACKS),
+                                                   label="Attacks", elem_id="trust_verify_attacks")
+                    with gr.Row():
+                        ver_budget = gr.Radio(list(attacks.BUDGET_NAMES), value="quick",
+                                              label="Budget (quick: minutes; full: the README's)",
+                                              elem_id="trust_verify_budget")
+                        ver_threshold = gr.Slider(0.0, 1.0, value=0.2, step=0.01,
+                                                  label="Pass when every attack success rate is at most",
+                                                  elem_id="trust_verify_threshold")
+                    ver_paraphrases = gr.Textbox(label="Paraphrases (one per line; empty = default framings)",
+                                                 lines=2, elem_id="trust_verify_paraphrases")
+                    ver_start = gr.Button("Verify", elem_id="trust_verify")
+                    ver_verdict = gr.HTML(elem_id="trust_verify_verdict")
+                    ver_grid = gr.Image(label="Worst cases (one row per attack)", type="numpy", interactive=False,
+                                        elem_id="trust_verify_grid")
+                    ver_report = gr.Textbox(label="Verify report", lines=8, interactive=False,
+                                            elem_id="trust_verify_report")
+                    ver_error = gr.HTML(elem_id="trust_verify_error")
             with gr.Column(variant="panel"):
                 gr.HTML(elem_id="trust_progress")  # trust.js writes shared.state.textinfo here
                 output = gr.HTML(elem_id="trust_output")
@@ -126,6 +208,15 @@ def tabs():
                     _js="trust_start", inputs=inputs, outputs=[tag, curves, report, output, error])
         bake_start.click(fn=call_queue.wrap_gradio_gpu_call(bake, extra_outputs=[""]), _js="trust_bake_start",
                          inputs=[id_task, bake_delta, bake_strength, bake_name], outputs=[bake_report, bake_error])
+        sal_start.click(fn=call_queue.wrap_gradio_gpu_call(find_neurons, extra_outputs=[None, "", ""]),
+                        _js="trust_saliency_start",
+                        inputs=[id_task, sal_concept, concepts, xi, seed, sal_steps, sal_images, sal_anchor, aligner, resolution],
+                        outputs=[sal_heatmap, sal_summary, sal_error])
+        ver_start.click(fn=call_queue.wrap_gradio_gpu_call(verify, extra_outputs=[None, "", "", ""]),
+                        _js="trust_verify_start",
+                        inputs=[id_task, ver_delta, ver_strength, ver_concept, ver_attacks, ver_budget, ver_threshold,
+                                seed, ver_paraphrases, aligner, resolution],
+                        outputs=[ver_grid, ver_verdict, ver_report, ver_error])
         interrupt.click(fn=lambda: shared.state.interrupt(), inputs=[], outputs=[])
         send.click(fn=None, _js="trust_send_to_txt2img", inputs=[tag], outputs=[])
     return [(block, "TRuST", "trust")]

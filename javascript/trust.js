@@ -1,5 +1,6 @@
 // TRuST tab: progress through the web UI's own progress API (like textual inversion training), the live loss /
-// forget-score curves (the run's live preview, drawn over the curves image), Bake, and "send to txt2img".
+// forget-score curves (the run's live preview, drawn over the curves image), Bake, concept saliency, Verify, and
+// "send to txt2img".
 
 function trust_start() {
     gradioApp().querySelector('#trust_error').innerHTML = '';
@@ -20,6 +21,26 @@ function trust_bake_start() {
     var res = Array.from(arguments);
     res[0] = id;
     return res;
+}
+
+// Find concept neurons and Verify: the web UI's progress bar above the panel's error box, the stage in the text line
+function trust_panel_start(prefix, args) {
+    gradioApp().querySelector('#' + prefix + '_error').innerHTML = '';
+    var id = randomId();
+    requestProgress(id, gradioApp().getElementById(prefix + '_error'), null, function() {}, function(progress) {
+        gradioApp().getElementById('trust_progress').innerHTML = progress.textinfo || '';
+    });
+    var res = Array.from(args);
+    res[0] = id;
+    return res;
+}
+
+function trust_saliency_start() {
+    return trust_panel_start('trust_saliency', arguments);
+}
+
+function trust_verify_start() {
+    return trust_panel_start('trust_verify', arguments);
 }
 
 function trust_send_to_txt2img(tag) {

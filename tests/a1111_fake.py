@@ -29,6 +29,11 @@ class A1111StyleUNet(UNet2DConditionModel):
         return super().forward(x, timesteps, encoder_hidden_states=context, return_dict=False)[0]
 
 
+def disabled_train(self, mode=True):
+    """ldm.models.diffusion.ddpm.disabled_train (set as an instance attribute, so `self` is the mode)."""
+    return self
+
+
 class FirstStage(torch.nn.Module):
     def __init__(self, vae):
         super().__init__()
@@ -63,6 +68,9 @@ class LatentDiffusion(torch.nn.Module):
         self.model = DiffusionWrapper(unet)
         self.cond_stage_model = TextEncoder(pipe)
         self.first_stage_model = FirstStage(pipe.vae)
+        # as ldm's LatentDiffusion.instantiate_first_stage does: a plain function as the instance's train, so
+        # .train(mode) / .eval() on the first stage return `mode` (False for eval), not the module
+        self.first_stage_model.train = disabled_train
         self.scale_factor = float(pipe.vae.config.scaling_factor)
         alphas = pipe.scheduler.alphas_cumprod.clone().float()
         self.alphas_cumprod = alphas.half()  # the web UI may downcast the sampling copy; training uses the original

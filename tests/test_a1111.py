@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import json
 import sys
+import types
 from pathlib import Path
 
 import a1111_fake
@@ -528,3 +529,127 @@ def test_a_request_without_the_method_fields_still_runs_trust(pack, web):
     assert meta["cache_key"] == hashlib.sha256(blob.encode()).hexdigest()[:32]
     positional = pack.run.Request("red circle", "individual", "CIP", 2, 5e-3, 0.1, 0.0, 2.0, 1, 0, 4, 64, "", "", "")
     assert positional.method == "trust" and positional.method_settings == ""
+
+
+# --- concept saliency and verify in the tab --------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def aligner_folder(web):
+    """The testbed's CLIP as models/concept_aligners/world-clip beside the fake's Lora folder."""
+    import shutil
+
+    from trust_engine.testbed import paths
+
+    target = Path(web.shared.cmd_opts.lora_dir).parent / "concept_aligners" / "world-clip"
+    shutil.copytree(paths.ALIGNER, target)
+    return "world-clip"
+
+
+@pytest.fixture()
+def inspect(pack):
+    return types.SimpleNamespace(saliency=importlib.import_module(PACK + ".a1111.saliency"),
+                                 verify=importlib.import_module(PACK + ".a1111.verify"),
+                                 script=importlib.import_module(PACK + ".a1111.delta_script"))
+
+
+def test_saliency_finds_concept_neurons_and_leaves_the_model_alone(pack, web, inspect, aligner_folder):
+    before = digest(web.shared.sd_model)
+    out = inspect.saliency.find(inspect.saliency.SaliencyRequest(concept="a triangle", steps=4, images=1,
+                                                                 resolution=64, aligner=aligner_folder), web)
+    assert out["heatmap"].ndim == 3 and out["heatmap"].shape[-1] == 3 and out["heatmap"].dtype.name == "uint8"
+    assert "'a triangle'" in out["summary"] and "CLIP score" in out["summary"] and out["mode"] == "clip"
+    assert sum(out["neurons"].values()) > 0
+    assert digest(web.shared.sd_model) == before and web.shared.state.job == "TRuST concept saliency"
+    plain = inspect.saliency.find(inspect.saliency.SaliencyRequest(concept="a triangle", steps=4, images=1,
+                                                                   resolution=64), web)
+    assert "noise contrast" in plain["summary"]
+    with pytest.raises(ValueError, match="concept is empty"):
+        inspect.saliency.find(inspect.saliency.SaliencyRequest(concept=" "), web)
+    with pytest.raises(ValueError, match="xi"):
+        inspect.saliency.find(inspect.saliency.SaliencyRequest(concept="a triangle", xi=9.0), web)
+
+
+def test_put_delta_gives_a_private_tree_the_deltas_weights_without_writing_the_hosts(pack, web):
+    from trust_engine.delta import Delta
+
+    pack.run.unlearn(request(pack, file_name="no circles"), web)
+    delta = Delta.load(Path(web.shared.cmd_opts.lora_dir) / "TRuST" / "no circles.safetensors")
+    unet = unet_of(web)
+    before = digest(unet)
+    private = pack.host.private_tree(unet)
+    assert pack.host.put_delta(private, delta, 0.5) == len(delta.sites)
+    assert digest(unet) == before
+    for site in pack.host.find_sites(unet):
+        base = unet.get_submodule(site.diffusers_name).weight
+        mine = private.get_submodule(site.diffusers_name).weight
+        if site.name in delta.sites:
+            expected = base.float() + 0.5 * delta.sites[site.name].dense().float()
+            assert torch.equal(mine, expected.to(base.dtype)) and not torch.equal(mine, base), site.name
+        else:
+            assert mine.data_ptr() == base.data_ptr(), site.name  # untouched sites still share the host's tensor
+
+
+def _tiny_budget(monkeypatch):
+    module = importlib.import_module(PACK + ".trust_engine.attacks")
+    tiny = {**module.BUDGETS["quick"], "paraphrase": {"prompts": 2, "images": 1, "steps": 4}}
+    monkeypatch.setitem(module.BUDGETS, "quick", tiny)
+
+
+def test_verify_attacks_the_delta_on_the_loaded_checkpoint_and_leaves_it_alone(pack, web, inspect, aligner_folder,
+                                                                             monkeypatch):
+    pack.run.unlearn(request(pack, file_name="no circles"), web)
+    _tiny_budget(monkeypatch)
+    seen = {}
+    real = inspect.verify.run_verify
+
+    def spy(patched, concept, names, **kwargs):
+        seen.update(patched=patched, base=kwargs["base"], concept=concept, names=list(names))
+        return real(patched, concept, names, **kwargs)
+
+    monkeypatch.setattr(inspect.verify, "run_verify", spy)
+    before = digest(web.shared.sd_model)
+    out = inspect.verify.verify(inspect.verify.VerifyRequest(delta="no circles", aligner=aligner_folder,
+                                                            attacks="paraphrase", resolution=64,
+                                                            paraphrases="a red ring\na picture of a red circle"), web)
+    assert seen["concept"] == "red circle" and seen["names"] == ["paraphrase"]  # the delta's own concept
+    changed = [s for s in pack.host.find_sites(seen["base"].unet)
+               if not torch.equal(seen["base"].unet.get_submodule(s.diffusers_name).weight,
+                                  seen["patched"].unet.get_submodule(s.diffusers_name).weight)]
+    assert changed  # the attacked model carries the delta, the base does not
+    assert "paraphrase: ASR" in out["report"] and "aligner threshold" in out["report"]
+    assert "no circles at strength 1" in out["report"]
+    assert isinstance(out["passed"], bool) and out["json"]["attacks"]["paraphrase"]["runs"] == 2
+    assert out["grid"].ndim == 3 and out["grid"].shape[-1] == 3
+    assert digest(web.shared.sd_model) == before and web.shared.state.job == "TRuST verify"
+    assert web.sd_hijack.calls.count("undo") == web.sd_hijack.calls.count("apply")
+
+
+def test_verify_refuses_bad_input_and_another_base_and_stops_when_interrupted(pack, web, inspect, aligner_folder,
+                                                                            monkeypatch):
+    import dataclasses
+
+    from trust_engine.delta import Delta
+
+    pack.run.unlearn(request(pack, file_name="no circles"), web)
+    V = inspect.verify.VerifyRequest
+    for bad, message in [(dict(delta=""), "choose the TRuST delta"), (dict(aligner=""), "concept aligner"),
+                         (dict(attacks="paraphrase, nope"), "unknown attack 'nope'"),
+                         (dict(budget="huge"), "budget must be"), (dict(threshold=1.5), "threshold must be"),
+                         (dict(strength=7.0), "strength"), (dict(delta="missing"), "not in the Lora folder")]:
+        with pytest.raises(ValueError, match=message):
+            inspect.verify.verify(V(**{"delta": "no circles", "aligner": aligner_folder, **bad}), web)
+    folder = Path(web.shared.cmd_opts.lora_dir) / "TRuST"
+    delta = Delta.load(folder / "no circles.safetensors")
+    metadata = {k: v for k, v in delta.metadata.items() if k != "base_sketch"}
+    dataclasses.replace(delta, base_fingerprint="0" * 64, metadata=metadata).save(folder / "elsewhere.safetensors")
+    inspect.script._MODEL_FINGERPRINTS.clear()
+    with pytest.raises(ValueError, match="another base model"):
+        inspect.verify.verify(V(delta="elsewhere", aligner=aligner_folder), web)
+    _tiny_budget(monkeypatch)
+    before = digest(web.shared.sd_model)
+    web.shared.state.interrupt_after = 1
+    with pytest.raises(pack.host.Interrupted):
+        inspect.verify.verify(V(delta="no circles", aligner=aligner_folder, attacks="paraphrase", resolution=64), web)
+    assert digest(web.shared.sd_model) == before
+    assert web.sd_hijack.calls.count("undo") == web.sd_hijack.calls.count("apply")
