@@ -400,11 +400,11 @@ class HostProgress:
     CURVES_EVERY = 1.0
 
     def __init__(self, state, prepare: int, steps: int, title: str = "", by_stage: bool = False,
-                 job: str = "TRuST unlearning") -> None:
+                 job: str = "TRuST unlearning", label: str = "TRuST") -> None:
         """TRuST: `prepare` generated images, then `steps` steps on one bar. `by_stage` (jobs whose stages each
         report their own totals: the other methods, the attacks): the bar shows the current stage's share done, out
-        of 100."""
-        self.state, self.prepare, self.title, self.by_stage = state, prepare, title, by_stage
+        of 100. `label` starts the progress text (the method)."""
+        self.state, self.prepare, self.title, self.by_stage, self.label = state, prepare, title, by_stage, label
         self.total = 100 if by_stage else prepare + steps
         self.history: list[dict] = []
         self.drawn_at = 0.0
@@ -422,11 +422,11 @@ class HostProgress:
         else:
             done = min(event.step, self.prepare) if event.stage == "prepare" else self.prepare + event.step
         self.state.sampling_step = done
-        self.state.textinfo = f"TRuST {event.stage} {event.step}/{event.total}: {event.message}".strip()
-        if event.stage != "prepare" and event.metrics:
+        self.state.textinfo = f"{self.label} {event.stage} {event.step}/{event.total}: {event.message}".strip()
+        # the curves are the training steps' (other stages' metrics, e.g. SalUn's mask loss, count other steps)
+        if event.stage == "unlearn" and event.metrics:
             self.history.append({"step": event.step, **event.metrics})
-            if event.stage == "unlearn":
-                self.draw_curves(force=event.finished)
+            self.draw_curves(force=event.finished)
 
     def draw_curves(self, force: bool = False) -> None:
         """The loss / forget-score curves so far as the web UI's live preview (state.assign_current_image): the tab

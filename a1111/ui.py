@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import html
 
-from ..trust_engine import attacks, ranges
+from ..trust_engine import attacks, methods, ranges
 from ..trust_engine.render import training_curves
 from . import bake as bake_module
 from . import delta_script, host, run
@@ -14,6 +14,7 @@ from . import verify as verify_module
 
 MODES = list(ranges.RANGES["mode"].choices)
 LOSSES = [c.upper() for c in ranges.RANGES["loss"].choices]
+METHODS = methods.names()
 
 
 def _limits(name: str) -> dict:
@@ -22,13 +23,15 @@ def _limits(name: str) -> dict:
 
 
 def erase(id_task, concepts, mode, loss, steps, learning_rate, relative_lr, beta, xi, mask_refresh, seed,
-          training_images, resolution, preserve, file_name, aligner):
+          training_images, resolution, preserve, file_name, aligner, method="trust", method_settings=""):
     """The Erase button (run under wrap_gradio_gpu_call: queue lock, shared.state.begin/end). Returns the tag, the
-    curves, the report, the file HTML and the (empty) error HTML."""
+    curves (None when the method recorded none: UCE, FIA, ConceptPrune, a reused file without them), the report, the
+    file HTML and the (empty) error HTML."""
     request = run.Request(concepts=concepts, mode=mode, loss=loss, steps=int(steps), learning_rate=float(learning_rate),
                           relative_lr=float(relative_lr), beta=float(beta), xi=float(xi),
                           mask_refresh=int(mask_refresh), seed=int(seed), training_images=int(training_images),
-                          resolution=int(resolution), preserve=preserve, file_name=file_name, aligner=aligner)
+                          resolution=int(resolution), preserve=preserve, file_name=file_name, aligner=aligner,
+                          method=method, method_settings=method_settings or "")
     try:
         out = run.unlearn(request)
     except host.Interrupted as e:
@@ -112,6 +115,13 @@ def tabs():
                                           label="Aligner (models/concept_aligners)", elem_id="trust_aligner")
                     file_name = gr.Textbox(label="File name (empty = from the concept)", elem_id="trust_file_name")
                 with gr.Row():
+                    method = gr.Dropdown(METHODS, value="trust", elem_id="trust_method",
+                                         label="Method (the others read only concepts, mode, preserve, seed, "
+                                               "resolution and file name)")
+                    method_settings = gr.Textbox(label="Method settings (key=value, one per line; other methods only)",
+                                                 lines=2, elem_id="trust_method_settings",
+                                                 placeholder="erase_scale=30\npreserve_scale=1")
+                with gr.Row():
                     interrupt = gr.Button("Interrupt", elem_id="trust_interrupt")
                     start = gr.Button("Erase", variant="primary", elem_id="trust_erase")
                 with gr.Accordion("Bake a delta into a new checkpoint", open=False, elem_id="trust_bake_panel"):
@@ -193,7 +203,7 @@ def tabs():
                 error = gr.HTML(elem_id="trust_error")
         id_task = gr.Textbox(visible=False, elem_id="trust_id_task")
         inputs = [id_task, concepts, mode, loss, steps, learning_rate, relative_lr, beta, xi, mask_refresh, seed,
-                  training_images, resolution, preserve, file_name, aligner]
+                  training_images, resolution, preserve, file_name, aligner, method, method_settings]
         start.click(fn=call_queue.wrap_gradio_gpu_call(erase, extra_outputs=["", None, "", ""]),
                     _js="trust_start", inputs=inputs, outputs=[tag, curves, report, output, error])
         bake_start.click(fn=call_queue.wrap_gradio_gpu_call(bake, extra_outputs=[""]), _js="trust_bake_start",

@@ -346,21 +346,13 @@ class TrustUnlearn:
                              "beta": beta, "xi": xi, "mask_refresh": mask_refresh, "training_seed": training_seed,
                              "resolution": resolution, "training_images": training_images,
                              "relative_lr": relative_lr}, _TABLE_NAMES)
-        if method not in METHOD_NAMES:
-            raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHOD_NAMES)}")
-        if method == "trust" and method_settings.strip():
-            raise ValueError("method_settings is for the other methods: TRuST's settings are the inputs above")
+        config = job.method_config(method, method_settings, training_seed)  # None for TRuST
         expanded = _run("reading the concepts", resolution,
                         lambda: concept_specs.expand_all(concepts, mode, preserve=preserve))
         family = _run("checking the model", resolution, lambda: host.model_family(model))
-        if method == "trust":
+        if config is None:
             config = job.build_config(loss, steps, learning_rate, relative_lr, beta, xi, mask_refresh, training_seed,
                                       training_images)
-        else:
-            settings = methods.parse_options(method, method_settings)
-            if any(f.name == "seed" for f in dataclasses.fields(methods.METHODS[method][0])):
-                settings.setdefault("seed", training_seed)
-            config = methods.config_for(method, **settings)
         base = _run("reading the model", resolution, lambda: host.effective_site_weights(model))
         base_fp = fingerprint(base)
         if concept_neurons is not None and concept_neurons.base_fingerprint != base_fp:

@@ -475,6 +475,124 @@ def test_the_curves_are_throttled_but_the_last_step_always_draws(pack, web, monk
     assert np.array_equal(np.asarray(images[-1]), training_curves(out["history"], pack.run.curves_title(request(pack))))
 
 
+# --- the other erasers (method / method_settings) ------------------------------------------------------------------
+
+
+@pytest.fixture()
+def tab(pack, web, monkeypatch):
+    """The tab's Erase function (a1111/ui.py) running on the fake web UI."""
+    monkeypatch.setattr(pack.run, "web_ui_modules", lambda: web)
+    return importlib.import_module(PACK + ".a1111.ui")
+
+
+def erase_args(**overrides):
+    """The Erase button's inputs in the tab's order (`inputs` in ui.tabs), id_task first and the method last."""
+    values = dict(concepts="red circle", mode="individual", loss="CIP", steps=2, learning_rate=5e-3, relative_lr=0.1,
+                  beta=0.0, xi=2.0, mask_refresh=1, seed=0, training_images=4, resolution=64, preserve="",
+                  file_name="", aligner="None (noise-contrast saliency)", method="trust", method_settings="")
+    values.update(overrides)
+    return ["task(1)", *values.values()]
+
+
+def test_uce_from_the_tab_saves_the_engines_uce_delta_in_the_lora_folder(pack, web, tab):
+    from safetensors.torch import load_file
+
+    methods = pack.job.methods
+    before = digest(web.shared.sd_model)
+    tag, curves, report, file_html, _ = tab.erase(*erase_args(method="uce", method_settings="erase_scale=30\nlamb=0.5"))
+    assert digest(web.shared.sd_model) == before
+    assert web.sd_hijack.calls == ["undo", "apply"] and web.networks.listed == 1
+    assert files(web) == ["TRuST/trust_uce_red_circle.safetensors"] and tag == "<lora:trust_uce_red_circle:1>"
+    assert curves is None  # UCE is closed-form: no curve to show
+    assert report.startswith("Saved trust_uce_red_circle.safetensors") and "\nuce: " in report
+    assert '"erase_scale": 30.0' in report  # the settings used
+    path = Path(web.shared.cmd_opts.lora_dir) / "TRuST" / "trust_uce_red_circle.safetensors"
+    # the same method on the same inputs, straight through the engine
+    expanded = importlib.import_module(PACK + ".trust_engine.concepts").expand_all("red circle", "individual")
+    with pack.host.a1111_parts(web.shared.sd_model, web, resolution=64, need_decoder=False) as parts:
+        expected = methods.run("uce", parts, expanded, methods.config_for("uce", erase_scale=30.0))
+    assert expected.params
+    written = load_file(str(path))
+    # in float32 on a float32 model: the web UI adds a .diff in its own dtype (float16 would round the whole layer)
+    wanted = expected.to_lora(torch.float32)
+    assert {t.dtype for k, t in written.items() if k.endswith(".diff")} == {torch.float32}
+    assert set(written) == set(wanted)
+    for key, tensor in wanted.items():
+        assert torch.equal(written[key], tensor), key
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["method"] == "uce" and meta["host"] == "AUTOMATIC1111" and meta["ss_base_model_version"] == "sd_v1"
+    assert meta["ss_output_name"] == "trust_uce_red_circle"
+    state = web.shared.state
+    assert state.sampling_steps == 100 and state.seen[-1][0] == 100  # by stage: the edit's share done, out of 100
+    assert state.textinfo.startswith("uce edit")
+    assert [d["method"] for d in pack.run.list_deltas(web.shared)] == ["uce"]
+    # the same inputs again: reused, and the report still names the method
+    web.sd_hijack.calls.clear()
+    again = pack.run.unlearn(request(pack, method="uce", method_settings="erase_scale=30"), web)
+    assert again["reused"] and again["file"] == str(path) and files(web) == ["TRuST/trust_uce_red_circle.safetensors"]
+    assert "\nuce: " in again["report"] and again["method"] == "uce"
+
+
+def test_interrupting_a_uce_run_writes_nothing(pack, web):
+    before = digest(web.shared.sd_model)
+    web.shared.state.interrupt_after = 40  # 40 % of the layers edited
+    with pytest.raises(pack.host.Interrupted):
+        pack.run.unlearn(request(pack, method="uce"), web)
+    assert digest(web.shared.sd_model) == before and files(web) == []
+    assert web.sd_hijack.calls == ["undo", "apply"]
+
+
+def test_esd_shows_its_live_loss_curve_in_the_tab(pack, web, tab):
+    """Methods that record no curve in their delta but report a loss per step (ESD, SalUn): the curve drawn live."""
+    _, curves, report, _, _ = tab.erase(*erase_args(method="esd", method_settings="iterations=2, ddim_steps=2"))
+    assert curves is not None and curves.shape == (256, 512, 3)
+    assert "\nesd: " in report and files(web) == ["TRuST/trust_esd_red_circle.safetensors"]
+
+
+@pytest.mark.parametrize("method, settings, message", [
+    ("nope", "", "unknown method 'nope'"),
+    ("trust", "lr=1e-4", "method_settings is for the other methods"),
+    ("uce", "bogus=1", "uce has no setting 'bogus'"),
+    ("uce", "erase_scale=big", "expected a number"),
+    ("uce", "erase_scale=-1", "erase_scale must lie in"),
+    ("esd", "lr", "write it as key=value"),
+])
+def test_a_bad_method_or_method_setting_is_refused_before_any_work(pack, web, method, settings, message):
+    before = digest(web.shared.sd_model)
+    with pytest.raises(ValueError, match=message):
+        pack.run.unlearn(request(pack, method=method, method_settings=settings), web)
+    assert files(web) == [] and web.sd_hijack.calls == [] and web.shared.sd_model.calls == []
+    assert web.shared.state.seen == [] and digest(web.shared.sd_model) == before
+
+
+def test_a_request_without_the_method_fields_still_runs_trust(pack, web):
+    """Calls written before there were other methods (the API's JSON, the dataclass's positional order) keep their
+    meaning: TRuST, with the cache key TRuST files always had (a UCE file for the same concept is not reused)."""
+    uce = pack.run.unlearn(request(pack, method="uce"), web)
+    api = importlib.import_module(PACK + ".a1111.api")
+    old = {"concepts": "red circle", "steps": 2, "learning_rate": 5e-3, "resolution": 64, "training_images": 4}
+    body = api.request_model()(**old)
+    out = pack.run.unlearn(pack.run.Request(**api.values(body)), web)
+    assert out["method"] == "trust" and not out["reused"] and out["file"] != uce["file"]
+    assert files(web) == ["TRuST/trust_red_circle.safetensors", "TRuST/trust_uce_red_circle.safetensors"]
+    with safe_open(out["file"], framework="pt") as f:
+        meta = f.metadata()
+    assert meta["method"] == "trust" and meta["loss"] == "cip"
+    # the key as TRuST files held it before there were other methods (no "method" entry), so they are still reused
+    import dataclasses
+    import hashlib
+
+    expanded = importlib.import_module(PACK + ".trust_engine.concepts").expand_all("red circle", "individual")
+    config = pack.job.build_config("CIP", 2, 5e-3, 0.1, 0.0, 2.0, 1, 0, 4)
+    blob = json.dumps({"concepts": [(e.text, e.mode, e.forget, e.preserve, e.anchor) for e in expanded],
+                       "config": dataclasses.asdict(config), "resolution": 64, "aligner": "", "neurons": "",
+                       "base": meta["base_fingerprint"], "engine": pack.job.__version__}, sort_keys=True)
+    assert meta["cache_key"] == hashlib.sha256(blob.encode()).hexdigest()[:32]
+    positional = pack.run.Request("red circle", "individual", "CIP", 2, 5e-3, 0.1, 0.0, 2.0, 1, 0, 4, 64, "", "", "")
+    assert positional.method == "trust" and positional.method_settings == ""
+
+
 # --- concept saliency and verify in the tab --------------------------------------------------------------------------
 
 

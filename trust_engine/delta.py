@@ -262,12 +262,14 @@ class Delta:
         """LDM module names whose differences are written as `.diff` / `.diff_b` from `params`, sorted."""
         return sorted({_PARAM.fullmatch(n)["module"] for n in self.params})
 
-    def to_lora(self) -> dict[str, torch.Tensor]:
+    def to_lora(self, param_dtype: torch.dtype = PARAM_DTYPE) -> dict[str, torch.Tensor]:
         """The file's tensors. Per site with R changed rows: lora_up = one-hot row selector (out x R),
         lora_down = the rows (R x in), alpha = R, so up @ down * alpha / R is the dense delta exactly (each output
         element is one product 1 * x plus exact zeros). A dense `.diff` instead where R * (out + in) > out * in.
-        Per dense parameter: `<key>.diff` (weight) or `<key>.diff_b` (bias) in float16, which ComfyUI's
-        `comfy.lora.load_lora` and AUTOMATIC1111's `network_full` read as weight + diff."""
+        Per dense parameter: `<key>.diff` (weight) or `<key>.diff_b` (bias) in `param_dtype` (float16 unless a host
+        asks otherwise), which ComfyUI's `comfy.lora.load_lora` and AUTOMATIC1111's `network_full` read as weight +
+        diff. AUTOMATIC1111 (v1.8) adds a .diff in the .diff's dtype: on a float32 model a float16 .diff rounds the whole
+        layer to float16, even at strength 0, so its adapter writes float32 there."""
         tensors: dict[str, torch.Tensor] = {}
         for name, d in self.sites.items():
             key, r = lora_key(name), d.rank
@@ -280,13 +282,13 @@ class Delta:
             tensors[f"{key}.lora_up.weight"] = up
             tensors[f"{key}.lora_down.weight"] = down
             tensors[f"{key}.alpha"] = alpha
-        limit = torch.finfo(PARAM_DTYPE).max
+        limit = torch.finfo(param_dtype).max
         for name, diff in self.params.items():
             m = _PARAM.fullmatch(name)
             if diff.numel() and float(diff.abs().max()) > limit:
-                raise ValueError(f"the difference of {name} exceeds the float16 range (|d| > {limit:g})")
+                raise ValueError(f"the difference of {name} exceeds the {param_dtype} range (|d| > {limit:g})")
             suffix = "diff" if m["kind"] == "weight" else "diff_b"
-            tensors[f"{lora_key(m['module'])}.{suffix}"] = diff.to("cpu", PARAM_DTYPE).contiguous()
+            tensors[f"{lora_key(m['module'])}.{suffix}"] = diff.to("cpu", param_dtype).contiguous()
         # AUTOMATIC1111 builds a full-weight module only where a `.diff` exists: a bias-only change gets a zero .diff
         for module in self.dense_modules():
             key = lora_key(module)
@@ -306,11 +308,11 @@ class Delta:
             metadata[DENSE_MODULES_KEY] = json.dumps(self.dense_modules())
         return metadata
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
+    def save(self, path: str | os.PathLike[str], param_dtype: torch.dtype = PARAM_DTYPE) -> Path:
         """Write the LoRA safetensors file (atomically: a crash leaves no half-written file)."""
         path = Path(path)
         tmp = path.with_name(path.name + ".partial")
-        save_file(self.to_lora(), str(tmp), metadata=self.file_metadata())
+        save_file(self.to_lora(param_dtype), str(tmp), metadata=self.file_metadata())
         os.replace(tmp, path)
         return path
 

@@ -15,11 +15,12 @@ import os
 import re
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 
-from . import __version__
-from .delta import Delta, fingerprint
+from . import __version__, methods
+from .delta import PARAM_DTYPE, Delta, fingerprint
 from .parts import DiffusionParts
 from .saliency import SaliencyConfig
 from .sketch import SKETCH_KEY, sketch
@@ -46,6 +47,22 @@ def build_config(loss: str, steps: int, learning_rate: float, relative_lr: float
     config = config_for(loss.lower(), **overrides)
     config.saliency = SaliencyConfig(xi=xi)
     return config
+
+
+def method_config(method: str, settings: str, seed: int) -> Any:
+    """The config of a method other than TRuST from its `key=value` settings (methods.parse_options), its seed the
+    host's seed input unless the settings name one; None for TRuST, whose config the host builds from its own inputs
+    (build_config). A clear error, before any work, for an unknown method, settings given for TRuST or a bad setting."""
+    if method not in methods.METHODS:
+        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(methods.names())}")
+    if method == "trust":
+        if settings.strip():
+            raise ValueError("method_settings is for the other methods: TRuST's settings are the inputs above")
+        return None
+    values = methods.parse_options(method, settings)
+    if any(f.name == "seed" for f in dataclasses.fields(methods.METHODS[method][0])):
+        values.setdefault("seed", seed)
+    return methods.config_for(method, **values)
 
 
 def aligner_id(aligner) -> str:
@@ -119,12 +136,15 @@ def kohya_metadata(family: str, prediction_type: str, output_name: str, resoluti
             str(prediction_type == "v_prediction"), "ss_training_comment": "TRuST concept erasure delta"}
 
 
-def save(delta: Delta, folder: str, name: str, extra_metadata: dict[str, str] | None = None) -> str:
+def save(delta: Delta, folder: str, name: str, extra_metadata: dict[str, str] | None = None,
+         param_dtype: torch.dtype | None = None) -> str:
+    """Save under a free name in `folder`; `param_dtype`: the dtype of dense differences (Delta.to_lora's default
+    when None)."""
     os.makedirs(folder, exist_ok=True)
     path = free_path(folder, name)
     stem = os.path.splitext(os.path.basename(path))[0]
     metadata = {k: (stem if k == "ss_output_name" else v) for k, v in (extra_metadata or {}).items()}
-    dataclasses.replace(delta, metadata={**delta.metadata, **metadata}).save(path)
+    dataclasses.replace(delta, metadata={**delta.metadata, **metadata}).save(path, param_dtype or PARAM_DTYPE)
     return path
 
 
@@ -189,3 +209,33 @@ def run_unlearn(*, expanded, config: UnlearnConfig, base_weights: dict[str, torc
     mode = result.last_saliency.mode if result.last_saliency else "initial mask only"
     lines += [result.report(), saliency_line(mode, "choose an aligner"), share]
     return JobOutcome(delta, path, result.history, "\n".join(lines), False)
+
+
+def run_method(*, method: str, expanded, config, base_weights: dict[str, torch.Tensor], folder: str, file_name: str,
+               open_parts: Callable[[], AbstractContextManager[DiffusionParts]], progress, host: str, family: str,
+               resolution: int, file_metadata: dict[str, str] | None = None, folder_label: str = "",
+               param_dtype: torch.dtype | None = None) -> JobOutcome:
+    """run_unlearn for the other methods (`method_config` gives their config): reuse the saved delta for these inputs,
+    or run the method through methods.run and save it (default name trust_<method>_<concept>; dense differences in
+    `param_dtype`, see `save`). The report names the method and its settings. `history`: the delta's recorded curve,
+    empty for methods that record none."""
+    base_fp = fingerprint(base_weights)
+    key = cache_key(expanded, config, resolution, "", "", base_fp, method)
+    lines = [e.explain() for e in expanded]
+    where = folder_label or folder
+    found = find_cached(folder, key)
+    if found:
+        delta = Delta.load(found)
+        lines.insert(0, f"Reused {os.path.basename(found)}: same inputs on the same base model, so nothing was "
+                        f"re-run. Delete the file ({where}) to run {method} again.")
+        lines.append(methods.report(delta))
+        return JobOutcome(delta, found, json.loads(delta.metadata.get("history", "[]")), "\n".join(lines), True)
+    with open_parts() as parts:
+        delta = methods.run(method, parts, expanded, config, progress, default_cfg=default_cfg(family),
+                            metadata={"mode": expanded[0].mode, "model": parts.name, "cache_key": key, "host": host,
+                                      SKETCH_KEY: sketch(base_weights)})
+        share = share_line(delta, parts.unet)
+    path = save(delta, folder, file_name or slug(expanded[0].text, method), file_metadata, param_dtype)
+    lines.insert(0, f"Saved {os.path.basename(path)} in {where}.")
+    lines += [methods.report(delta), f"settings: {delta.metadata.get('config', '')}", share]
+    return JobOutcome(delta, path, json.loads(delta.metadata.get("history", "[]")), "\n".join(lines), False)

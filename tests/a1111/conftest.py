@@ -97,12 +97,14 @@ def webui():
             if process.poll() is not None:
                 pytest.fail("the web UI exited:\n" + log.read_text()[-4000:])
             try:
-                if requests.get(url + "/sdapi/v1/sd-models", timeout=5).status_code == 200:
+                # the extensions' routes are mounted after the web UI's own (app_started): wait for both
+                if all(requests.get(url + path, timeout=5).status_code == 200
+                       for path in ("/sdapi/v1/sd-models", "/trust/v1/deltas")):
                     break
             except (requests.ConnectionError, requests.Timeout):  # not up yet, or busy starting on loaded cores
                 pass
             if time.time() > deadline:
-                pytest.fail("the web UI did not start in 300 s:\n" + log.read_text()[-4000:])
+                pytest.fail("the web UI (or the extension's routes) did not start in 300 s:\n" + log.read_text()[-4000:])
             time.sleep(2)
         yield WebUI(url, data, log)
     finally:

@@ -1,7 +1,8 @@
 """Tier 2 in a real AUTOMATIC1111 (see conftest.py): the extension loads, the tab builds under the web UI's gradio,
 the routes answer, a run writes a file the Lora list shows, <lora:x:1> changes the image and <lora:x:0> does not,
 Interrupt stops a run with nothing written and the model unchanged (after the live curves showed in the progress),
-the "TRuST delta" script adds the tag, and Bake writes a checkpoint that generates like the base with the tag."""
+the "TRuST delta" script adds the tag, Bake writes a checkpoint that generates like the base with the tag, and
+another method (UCE) through the API writes a Lora the extension applies as the engine's difference."""
 
 import base64
 import io
@@ -42,7 +43,7 @@ def test_extension_loads_and_the_tab_builds(webui):
     config = webui.get("/config").json()
     ids = {c.get("props", {}).get("elem_id") for c in config["components"]}
     assert {"trust_erase", "trust_interrupt", "trust_concepts", "trust_tag", "trust_curves", "trust_bake",
-            "trust_bake_delta", "trust_bake_strength"} <= ids
+            "trust_bake_delta", "trust_bake_strength", "trust_method", "trust_method_settings"} <= ids
     # the AlwaysVisible "TRuST delta" script, in txt2img and img2img
     assert {f"trust_delta_{tab}_{part}" for tab in ("txt2img", "img2img") for part in ("enable", "file", "strength")} <= ids
     scripts = webui.get("/").text
@@ -218,3 +219,45 @@ def test_bake_writes_a_checkpoint_that_generates_like_the_lora(webui, delta):
     finally:
         assert webui.post("/sdapi/v1/options", json={"sd_model_checkpoint": base_title}).status_code == 200
     assert np.array_equal(image(webui, "a red circle"), delta["base"])
+
+
+def test_another_method_through_the_api_writes_a_lora_that_erases(webui, delta):
+    """POST /trust/v1/unlearn with method "uce" (closed form, seconds): a file the Lora list shows, the Lora extension
+    writes base + the engine's difference into every layer UCE edits, <lora:x:1> changes the image, <lora:x:0> not."""
+    import torch
+
+    from trust_engine.delta import Delta
+
+    for bad, reason in (({"method": "nope"}, "unknown method 'nope'"),
+                        ({"method_settings": "lr=1e-4"}, "method_settings is for the other methods"),
+                        ({"method": "uce", "method_settings": "bogus=1"}, "uce has no setting 'bogus'")):
+        r = webui.post("/trust/v1/unlearn", json={"concepts": "a red circle", **bad})
+        assert r.status_code == 422 and reason in r.text, r.text
+    r = webui.post("/trust/v1/unlearn", json={"concepts": "a red circle", "resolution": 64, "method": "uce",
+                                              "method_settings": "erase_scale=30", "file_name": "tier2_uce"})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["tag"] == "<lora:tier2_uce:1>" and out["method"] == "uce" and "\nuce: " in out["report"]
+    assert (webui.lora_dir / "TRuST" / "tier2_uce.safetensors").is_file()
+    assert webui.post("/sdapi/v1/refresh-loras").status_code == 200
+    entry = next(x for x in webui.get("/sdapi/v1/loras").json() if x["name"] == "tier2_uce")
+    assert entry["metadata"]["method"] == "uce" and entry["metadata"]["ss_base_model_version"] == "sd_v1"
+    base = delta["base"]
+    assert np.array_equal(image(webui, "a red circle"), base)  # the run left the model as it was
+    weights = {k: torch.tensor(v) for k, v in webui.get("/trust_probe/v1/weights").json()["weights"].items()}
+    erased = image(webui, "a red circle <lora:tier2_uce:1>")
+    patched = {k: torch.tensor(v) for k, v in webui.get("/trust_probe/v1/weights").json()["weights"].items()}
+    assert not np.array_equal(erased, base)
+    diffs = Delta.load(out["file"]).diffs()
+    edited = [n for n in weights if f"{n}.weight" in diffs]
+    assert edited and all(n.endswith(("to_k", "to_v")) for n in edited)
+    for name, w in weights.items():
+        if name in edited:
+            # the extension adds a .diff in the .diff's dtype: float32 here (a --no-half model), so w + d exactly
+            d = diffs[f"{name}.weight"]
+            assert d.dtype == torch.float32 and torch.equal(patched[name], w + d), name
+        else:
+            assert torch.equal(patched[name], w), name
+    assert np.array_equal(image(webui, "a red circle <lora:tier2_uce:0>"), base)
+    assert np.array_equal(image(webui, "a red circle"), base)
+    assert "didn't match keys" not in webui.log.read_text()
