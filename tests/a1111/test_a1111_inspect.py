@@ -40,9 +40,18 @@ def test_saliency_finds_concept_neurons_and_leaves_the_model_alone(webui, aligne
     assert bad.status_code == 422 and "concept is empty" in bad.text
 
 
-def test_verify_attacks_a_delta_and_leaves_the_model_alone(webui, aligner):
+@pytest.fixture()
+def inspect_delta(webui):
+    """A delta of its own for this module, removed afterwards (the other tier-2 modules expect their own files only
+    in the session's Lora folder)."""
     r = webui.post("/trust/v1/unlearn", json=RUN)
     assert r.status_code == 200, r.text
+    yield r.json()
+    for path in webui.lora_dir.rglob("tier2_inspect*.safetensors"):
+        path.unlink()
+
+
+def test_verify_attacks_a_delta_and_leaves_the_model_alone(webui, aligner, inspect_delta):
     base = image(webui, "a red circle")
     body = {"delta": "tier2_inspect", "aligner": aligner, "attacks": "paraphrase, soft_prompt", "budget": "quick",
             "resolution": 64, "paraphrases": "a red ring\na crimson disc"}
