@@ -80,6 +80,17 @@ def verify(id_task, delta, strength, concept, chosen, budget, threshold, seed, p
     return out["grid"], verdict, out["report"], ""
 
 
+def _delta_row(gr, ui_common, shared, prefix: str):
+    """A row with a TRuST delta from the Lora folder (↻ re-reads it) and a strength; returns (dropdown, slider)."""
+    with gr.Row():
+        delta = gr.Dropdown(delta_script.choices(shared), value=delta_script.NONE,
+                            label="Delta (TRuST files in the Lora folder)", elem_id=f"{prefix}_delta")
+        ui_common.create_refresh_button(delta, lambda: None, lambda: {"choices": delta_script.choices(shared)},
+                                        f"{prefix}_refresh")
+        strength = gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label="Strength", elem_id=f"{prefix}_strength")
+    return delta, strength
+
+
 def tabs():
     import gradio as gr
     from modules import call_queue, shared, ui_common
@@ -125,15 +136,7 @@ def tabs():
                     interrupt = gr.Button("Interrupt", elem_id="trust_interrupt")
                     start = gr.Button("Erase", variant="primary", elem_id="trust_erase")
                 with gr.Accordion("Bake a delta into a new checkpoint", open=False, elem_id="trust_bake_panel"):
-                    with gr.Row():
-                        bake_delta = gr.Dropdown(delta_script.choices(shared), value=delta_script.NONE,
-                                                 label="Delta (TRuST files in the Lora folder)",
-                                                 elem_id="trust_bake_delta")
-                        ui_common.create_refresh_button(bake_delta, lambda: None,
-                                                        lambda: {"choices": delta_script.choices(shared)},
-                                                        "trust_bake_refresh")
-                        bake_strength = gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label="Strength",
-                                                  elem_id="trust_bake_strength")
+                    bake_delta, bake_strength = _delta_row(gr, ui_common, shared, "trust_bake")
                     with gr.Row():
                         bake_name = gr.Textbox(label="New checkpoint name (empty = <checkpoint>_<delta>)",
                                                elem_id="trust_bake_name")
@@ -163,15 +166,7 @@ def tabs():
                             "delta applied, judged by the aligner chosen above (required). Passing is not a "
                             "guarantee: a delta can be unloaded, and larger white-box budgets recover most erased "
                             "concepts in the literature.</p>")
-                    with gr.Row():
-                        ver_delta = gr.Dropdown(delta_script.choices(shared), value=delta_script.NONE,
-                                                label="Delta (TRuST files in the Lora folder)",
-                                                elem_id="trust_verify_delta")
-                        ui_common.create_refresh_button(ver_delta, lambda: None,
-                                                        lambda: {"choices": delta_script.choices(shared)},
-                                                        "trust_verify_refresh")
-                        ver_strength = gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label="Strength",
-                                                 elem_id="trust_verify_strength")
+                    ver_delta, ver_strength = _delta_row(gr, ui_common, shared, "trust_verify")
                     ver_concept = gr.Textbox(label="Concept (empty = the first one the delta erases)",
                                              elem_id="trust_verify_concept")
                     ver_attacks = gr.CheckboxGroup(list(attacks.ATTACKS), value=list(attacks.ATTACKS),

@@ -20,22 +20,16 @@ import types
 
 import torch
 from diffusers import UNet2DConditionModel
+from tiny_diffusers import LdmCallUNet
 
 
-class A1111StyleUNet(UNet2DConditionModel):
+class A1111StyleUNet(LdmCallUNet, UNet2DConditionModel):
     """The testbed UNet behind ldm's UNetModel call signature. For SDXL, `y` is sgm's ADM vector (pooled text + size
     embeddings, `GeneralConditioner`'s "vector"), which the UNet's label embedding (diffusers: add_embedding) takes as
     it is."""
 
     def forward(self, x, timesteps=None, context=None, y=None, **kwargs):
-        added = {"y": y} if y is not None else None
-        return super().forward(x, timesteps, encoder_hidden_states=context, added_cond_kwargs=added,
-                               return_dict=False)[0]
-
-    def get_aug_embed(self, emb, encoder_hidden_states, added_cond_kwargs):
-        if added_cond_kwargs and "y" in added_cond_kwargs:
-            return self.add_embedding(added_cond_kwargs["y"].to(emb.dtype))
-        return super().get_aug_embed(emb, encoder_hidden_states, added_cond_kwargs)
+        return self.ldm_call(x, timesteps, context, y)
 
 
 def disabled_train(self, mode=True):

@@ -15,6 +15,7 @@ import types
 
 import torch
 from diffusers import UNet2DConditionModel
+from tiny_diffusers import LdmCallUNet
 
 PREFIX = "diffusion_model."
 
@@ -23,20 +24,13 @@ class InterruptProcessingException(Exception):
     pass
 
 
-class ComfyStyleUNet(UNet2DConditionModel):
+class ComfyStyleUNet(LdmCallUNet, UNet2DConditionModel):
     """The testbed UNet behind ComfyUI's diffusion_model call signature (x, timesteps, context, y, ...). For SDXL, `y`
     is ComfyUI's ADM vector (pooled text + size embeddings, `SDXLBaseModel.encode_adm`), which the UNet's label
     embedding (diffusers: add_embedding) takes as it is."""
 
     def forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):  # noqa: B006  (ComfyUI's signature)
-        added = {"y": y} if y is not None else None
-        return super().forward(x, timesteps, encoder_hidden_states=context, added_cond_kwargs=added,
-                               return_dict=False)[0]
-
-    def get_aug_embed(self, emb, encoder_hidden_states, added_cond_kwargs):
-        if added_cond_kwargs and "y" in added_cond_kwargs:
-            return self.add_embedding(added_cond_kwargs["y"].to(emb.dtype))
-        return super().get_aug_embed(emb, encoder_hidden_states, added_cond_kwargs)
+        return self.ldm_call(x, timesteps, context, y)
 
 
 class EPS:

@@ -22,6 +22,22 @@ SDXL_UNET = dict(
 )
 
 
+class LdmCallUNet:
+    """Mixin for a diffusers UNet2DConditionModel called the way ldm / sgm / ComfyUI call their UNet: (x, timesteps,
+    context, y), `y` the ADM vector (pooled text + size embeddings), which the UNet's label embedding (diffusers:
+    add_embedding) takes as it is. The hosts' fakes build on it."""
+
+    def ldm_call(self, x, timesteps=None, context=None, y=None):
+        added = {"y": y} if y is not None else None
+        return super().forward(x, timesteps, encoder_hidden_states=context, added_cond_kwargs=added,
+                               return_dict=False)[0]
+
+    def get_aug_embed(self, emb, encoder_hidden_states, added_cond_kwargs):
+        if added_cond_kwargs and "y" in added_cond_kwargs:
+            return self.add_embedding(added_cond_kwargs["y"].to(emb.dtype))
+        return super().get_aug_embed(emb, encoder_hidden_states, added_cond_kwargs)
+
+
 def _tokenizer():
     from transformers import CLIPTokenizer
 
