@@ -169,6 +169,35 @@ def test_a_folder_of_a_run_with_other_settings_is_refused(tmp_path, no_arena):
                       cell_runner=fake_cell([]))
 
 
+def test_variants_are_trust_with_their_overrides_and_the_control_reads_the_default_run():
+    budget = benchmark.method_config("trust-budget", 2)
+    assert (budget.row_budget, budget.seed, budget.loss) == (0.15, 2, "cip")
+    assert benchmark.method_config("trust-csr", 0).loss == "csr"
+    assert benchmark.preset_of("trust-random") == benchmark.preset_of("trust")
+    with pytest.raises(ValueError, match="needs the trust cell trust/individual/seed1 first"):
+        benchmark.method_config("trust-static-topk", 1, {"cells": {}}, "individual")
+    results = {"cells": {benchmark.cell_id("trust", "individual", 1): {"rows_changed": 321}}}
+    control = benchmark.method_config("trust-static-topk", 1, results, "individual")
+    assert (control.static_mask, control.mask_rows) == (True, 321)
+
+
+def test_quick_with_named_methods_runs_them_at_the_quick_settings(tmp_path, monkeypatch):
+    from trust_engine.__main__ import main
+
+    seen = {}
+
+    def fake_run(config, out, say):
+        seen["pairs"] = config.pairs()
+        seen["preserve_max"] = config.preserve_max
+        raise SystemExit(0)
+
+    monkeypatch.setattr(benchmark, "run", fake_run)
+    with pytest.raises(SystemExit):
+        main(["bench", "--quick", "--methods", "trust", "trust-budget", "--tasks", "individual", "--out",
+              str(tmp_path / "b")])
+    assert seen == {"pairs": [("trust", "individual"), ("trust-budget", "individual")], "preserve_max": 256}
+
+
 def test_cli_refuses_bad_bench_options_before_any_work(tmp_path, capsys):
     from trust_engine.__main__ import main
 

@@ -94,5 +94,9 @@ def test_the_cli_names_every_method():
     from trust_engine.__main__ import METHOD_NAMES
 
     assert sorted(METHOD_NAMES) == sorted(methods.names())
+    from trust_engine import benchmark
+    from trust_engine.__main__ import BENCH_VARIANTS
+
+    assert BENCH_VARIANTS == tuple(benchmark.VARIANTS)
     out = run("methods")
     assert all(f"{name}: changes" in out for name in methods.names())

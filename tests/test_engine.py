@@ -185,3 +185,60 @@ def test_bad_inputs_get_specific_errors(testbed, tmp_path):
     with pytest.raises(UnknownArchitectureError, match="SD1.x"):
         find_sites(UNet2DModel(sample_size=8, block_out_channels=(32, 32), norm_num_groups=8,
                                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D")))
+
+
+def _trainable_rows(result) -> dict[str, torch.Tensor]:
+    return {name: rows.rows for name, rows in result.delta.sites.items()}
+
+
+def test_row_budget_caps_the_rows_ever_changed(testbed):
+    pipe, parts, aligner = testbed
+    free = unlearn.unlearn(parts, concepts.expand("triangle"), unlearn.config_for("cip", **{**TINY, "steps": 4}),
+                           aligner, default_cfg=3.0)
+    trainable = sum(s.out_features for s in find_sites(pipe.unet, include_out=False) if s.kind in ("k", "v"))
+    budget = 12 / trainable
+    capped = unlearn.unlearn(parts, concepts.expand("triangle"),
+                             unlearn.config_for("cip", **{**TINY, "steps": 4, "row_budget": budget}), aligner,
+                             default_cfg=3.0)
+    changed = sum(len(r) for r in _trainable_rows(capped).values())
+    assert 0 < changed <= 12 < sum(len(r) for r in _trainable_rows(free).values())
+
+
+def test_static_top_k_mask_changes_only_the_k_highest_rows(testbed):
+    pipe, parts, aligner = testbed
+    config = unlearn.config_for("cip", **{**TINY, "static_mask": True, "mask_rows": 20})
+    result = unlearn.unlearn(parts, concepts.expand("triangle"), config, aligner, default_cfg=3.0)
+    z = result.last_saliency.z
+    trainable = [n for n in z if result.last_saliency.kinds[n] in ("k", "v")]
+    threshold = torch.cat([z[n] for n in trainable]).topk(20).values[-1]
+    rows = _trainable_rows(result)
+    assert 0 < sum(len(r) for r in rows.values()) <= 20
+    assert all((z[n][r] >= threshold).all() for n, r in rows.items())
+
+
+def test_random_control_draws_as_many_rows_as_saliency_flags_elsewhere(testbed):
+    pipe, parts, aligner = testbed
+    config = unlearn.config_for("cip", **{**TINY, "static_mask": True, "mask_source": "random"})
+    result = unlearn.unlearn(parts, concepts.expand("triangle"), config, aligner, default_cfg=3.0)
+    sal = result.last_saliency
+    flagged = sum(int(sal.mask[n].sum()) for n in sal.mask if sal.kinds[n] in ("k", "v"))
+    rows = _trainable_rows(result)
+    assert sum(len(r) for r in rows.values()) == flagged == result.history[-1]["neurons"]
+    assert not all(sal.mask[n][r].all() for n, r in rows.items()), "random rows, not the concept neurons"
+
+
+def test_preserve_projection_keeps_the_preserve_prompts_keys_and_values(testbed):
+    pipe, parts, aligner = testbed
+    concept = concepts.expand("triangle", preserve=["a circle", "a square"])
+
+    def worst_change(projection: float) -> float:
+        config = unlearn.config_for("cip", **{**TINY, "preserve_projection": projection})
+        result = unlearn.unlearn(parts, concept, config, aligner, default_cfg=3.0)
+        tokens = parts.encode_text(["a circle", "a square", ""]).reshape(-1, 128).float()
+        worst = 0.0
+        for name, diff in result.delta.diffs().items():
+            if ".to_k." in name or ".to_v." in name:
+                worst = max(worst, float((tokens @ diff.float().T).abs().max() / tokens.abs().max()))
+        return worst
+
+    assert worst_change(1.0) < 1e-4 < worst_change(0.0)

@@ -602,6 +602,8 @@ def _preset_choice(text: str) -> str:
 
 METHOD_NAMES = ("trust", "esd", "uce", "salun", "fia", "conceptprune")  # = trust_engine.methods.names() (a test
 # checks): spelled out so that the CLI's help does not import torch
+BENCH_VARIANTS = ("trust-static-topk", "trust-random", "trust-csr", "trust-budget", "trust-project",
+                  "trust-budget-project")  # = trust_engine.benchmark.VARIANTS (test_cli checks)
 ATTACK_NAMES = ("paraphrase", "soft_prompt", "ring_a_bell", "relearn")  # = trust_engine.attacks.ATTACKS (test_attacks)
 
 
@@ -669,6 +671,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise ValueError(f"--out {out}: {parent} is not a writable folder")
     config = benchmark.quick_config() if args.quick else benchmark.BenchConfig()
+    if args.quick and args.methods:  # quick settings on the named methods x tasks instead of the quick subset
+        config.cells = None
     if args.methods:
         config.methods = tuple(args.methods)
     if args.tasks:
@@ -900,8 +904,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("bench", help="every method x task (individual, combination, conditional, three at once, "
                                      "five in sequence) x seeds on the testbed: bench.md/.json/.png in --out, resumable")
     p.add_argument("--quick", action="store_true", help="a named subset of methods x tasks, 1 seed, quick attack "
-                                                        "budget, smaller image caps (README: Bench)")
-    p.add_argument("--methods", nargs="+", choices=METHOD_NAMES, help="(default all)")
+                                                        "budget, smaller image caps (README: Bench); with --methods, "
+                                                        "those methods x --tasks at the quick settings")
+    p.add_argument("--methods", nargs="+", choices=METHOD_NAMES + BENCH_VARIANTS,
+                   help="(default the methods; the trust-* variants are TRuST's ablation rows, README: What each "
+                        "TRuST choice buys)")
     p.add_argument("--tasks", nargs="+", choices=("individual", "combination", "conditional", "three", "sequence"),
                    help="(default all)")
     p.add_argument("--seeds", type=int, help="seeds per cell, each a training seed and its evaluation noise "

@@ -44,6 +44,36 @@ QUICK_CELLS: tuple[tuple[str, str], ...] = (
 Z95 = 1.959963984540054  # two-sided 95 % normal quantile
 
 
+def _dynamic_union(results: dict, task: str, seed: int) -> int:
+    """Rows the default TRuST run changed on this task and seed (its cell must be done first)."""
+    cell = results["cells"].get(cell_id("trust", task, seed))
+    if cell is None:
+        raise ValueError(f"trust-static-topk needs the trust cell {cell_id('trust', task, seed)} first (its mask "
+                         "size is that run's count of changed rows): run --methods trust trust-static-topk")
+    return int(cell["rows_changed"])
+
+
+# TRuST's ablation rows (README "What each TRuST choice buys"): variant name -> (method, config overrides, what it
+# tests). An override may be a function of (results so far, task, seed). Cells of a variant are named by it.
+VARIANTS: dict[str, tuple[str, dict, str]] = {
+    "trust-static-topk": ("trust", {"static_mask": True, "mask_rows": _dynamic_union},
+                          "control: one mask, the top-K rows by z, K = the rows the default run changed"),
+    "trust-random": ("trust", {"mask_source": "random"},
+                     "control: each step, random rows, as many as the saliency mask flags"),
+    "trust-csr": ("trust", {"loss": "csr"}, "CSR instead of CIP"),
+    "trust-budget": ("trust", {"row_budget": 0.15}, "at most 15 % of the trainable rows ever changed"),
+    "trust-project": ("trust", {"preserve_projection": 0.99},
+                      "updates projected off the preserve prompts' text directions (99 % of their energy)"),
+    "trust-budget-project": ("trust", {"row_budget": 0.15, "preserve_projection": 0.99},
+                             "both levers"),
+}
+
+
+def base_method(name: str) -> str:
+    """The eraser a bench row runs: the method itself, or a variant's method."""
+    return VARIANTS[name][0] if name in VARIANTS else name
+
+
 @dataclasses.dataclass
 class BenchConfig:
     """What a bench run measures and how; the fields that change a cell's figures are stored in bench.json and a
@@ -355,14 +385,20 @@ def preset_of(method: str) -> str:
     """The method's "testbed" preset where it has one, else "paper" (read at run time from methods.PRESETS)."""
     from . import methods
 
-    return "testbed" if "testbed" in methods.PRESETS[method] else "paper"
+    return "testbed" if "testbed" in methods.PRESETS[base_method(method)] else "paper"
 
 
-def method_config(method: str, seed: int):
+def method_config(method: str, seed: int, results: dict | None = None, task: str = ""):
+    """The config of a bench row: the method's preset with the bench seed, and a variant's overrides."""
     from . import methods
 
-    fields = {f.name for f in dataclasses.fields(methods.METHODS[method][0])}
-    return methods.config_for(method, preset_of(method), **({"seed": seed} if "seed" in fields else {}))
+    name = base_method(method)
+    fields = {f.name for f in dataclasses.fields(methods.METHODS[name][0])}
+    overrides = {k: v(results or {"cells": {}}, task, seed) if callable(v) else v
+                 for k, v in (VARIANTS[method][1] if method in VARIANTS else {}).items()}
+    if "seed" in fields:
+        overrides["seed"] = seed
+    return methods.config_for(name, preset_of(method), **overrides)
 
 
 def _delta_tensors(delta) -> dict[str, torch.Tensor]:
@@ -397,7 +433,8 @@ def _train(method: str, parts, expanded, config, aligner, cfg: float, count_flop
     start_rss = watch.start()
     start = time.time()
     try:
-        delta = methods.run(method, parts, expanded, config, text_progress(), aligner=aligner, default_cfg=cfg)
+        delta = methods.run(base_method(method), parts, expanded, config, text_progress(), aligner=aligner,
+                            default_cfg=cfg)
     finally:
         peak, _ = watch.stop()
     out = {"delta": delta, "seconds": time.time() - start, "peak_rss": peak, "peak_above_start": peak - start_rss,
@@ -406,7 +443,7 @@ def _train(method: str, parts, expanded, config, aligner, cfg: float, count_flop
         from torch.utils.flop_counter import FlopCounterMode
 
         with FlopCounterMode(display=False) as counter:
-            again = methods.run(method, parts, expanded, config, aligner=aligner, default_cfg=cfg)
+            again = methods.run(base_method(method), parts, expanded, config, aligner=aligner, default_cfg=cfg)
         out["flops"] = counter.get_total_flops()
         a, b = _delta_tensors(delta), _delta_tensors(again)
         out["reproduced"] = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -470,6 +507,7 @@ class Arena:
         self.base_pipe, self.base_parts, self.aligner = bundle.load_parts()
         self.judge = bundle.load_judge()
         self.baselines: dict[tuple[str, int], Judged] = {}
+        self.results: dict = {"cells": {}}  # the run's results so far (a variant may depend on another cell)
 
     def baseline(self, task: str, seed: int) -> Judged:
         key = (task, seed)
@@ -506,7 +544,7 @@ def run_cell(arena: Arena, method: str, task: str, seed: int) -> dict:
     config, say = arena.config, arena.say
     sets = task_sets(task, config)
     specs = TASKS[task]
-    method_cfg = method_config(method, seed)
+    method_cfg = method_config(method, seed, arena.results, task)
     before = arena.baseline(task, seed)
     deltas_dir = arena.out / "deltas"
     deltas_dir.mkdir(parents=True, exist_ok=True)
@@ -609,6 +647,8 @@ def run(config: BenchConfig, out: Path, say: Callable[[str], None] = print,
     left = [c for c in todo if cell_id(*c) not in results["cells"]]
     say(f"bench: {len(todo)} cells, {len(todo) - len(left)} already done in {path}, {len(left)} to run")
     arena = Arena(config, out, say) if left else None
+    if arena is not None:
+        arena.results = results
     started = time.time()
     for number, (method, task, seed) in enumerate(left, start=1):
         say(f"[{number}/{len(left)}] {cell_id(method, task, seed)} ({time.time() - started:.0f} s so far)")
@@ -744,7 +784,7 @@ def plot(summary: list[dict], path: Path, size: int = 640) -> Path:
         if s["forget"] != s["forget"] or s["preserve"] != s["preserve"]:
             continue
         x, y = xy(s["forget"], s["preserve"])
-        colour = _COLOURS.get(s["method"], (0, 0, 0))
+        colour = _COLOURS.get(s["method"], _COLOURS.get(base_method(s["method"]), (0, 0, 0)))
         ex = s["forget_sd"] if s["forget_sd"] == s["forget_sd"] else 0.0
         ey = s["preserve_sd"] if s["preserve_sd"] == s["preserve_sd"] else s["preserve_halfwidth"]
         (x0, y0), (x1, y1) = xy(s["forget"] - ex, s["preserve"] - ey), xy(s["forget"] + ex, s["preserve"] + ey)

@@ -58,6 +58,19 @@ class UnlearnConfig:
                                        "saliencies with this momentum (0 = each estimate alone, as in the paper); "
                                        "steadier masks touch fewer rows over a run")
     static_mask: bool = _f(False, "ablation: estimate the mask once and keep it")
+    mask_rows: int = _f(0, "ablation control: the mask is the this-many rows of highest z among the rows that may "
+                           "change, instead of z > xi (0 = z > xi)")
+    mask_source: str = _f("saliency", "ablation control: 'saliency' (the concept neurons) or 'random' (each step, as "
+                                      "many rows as the saliency mask flags, drawn at random among the rows that may "
+                                      "change), to measure what saliency itself buys")
+    row_budget: float = _f(0.0, "a choice: at most this fraction of the rows that may change are ever changed; a "
+                                "step's new concept neurons join in order of z while the budget lasts, rows already "
+                                "changed keep training when flagged again (0 = no budget: the changed rows are the "
+                                "union of every step's mask)")
+    preserve_projection: float = _f(0.0, "a choice: every to_k/to_v update is projected off the text-embedding "
+                                         "directions that hold this share of the preserve prompts' token energy (as "
+                                         "closed-form editors keep the preserved prompts' keys and values), so those "
+                                         "prompts' cross-attention inputs stay exactly as they were (0 = off)")
     batch: int = _f(8, "forget and retain latents per step (each)")
     micro_batch: int = _f(0, "latents per forward/backward pass; gradients are accumulated over the batch, so memory "
                              "grows with this, not with batch (0 = auto: the whole batch for latents up to 32x32, "
@@ -229,6 +242,11 @@ class TrustRun:
                                        .to(parts.device) for s in self.sites})
         self.stopper = None
         self.forget_lat = self.retain_lat = None
+        self.ever = {n: torch.zeros(d.shape[0], dtype=torch.bool, device=d.device) for n, d in self.deltas.delta.items()}
+        self.capacity = round(config.row_budget * sum(d.shape[0] for d in self.deltas.delta.values()))
+        self.projector: dict[str, torch.Tensor] = {}  # site -> (in x in) projector off the preserve directions
+        if self.mask is not None:
+            self.mask = self._budgeted(self.mask, None)
 
     def _allowed(self, mask: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The mask restricted to the sites that carry a delta (the projection types the config lets change)."""
@@ -262,6 +280,9 @@ class TrustRun:
         self.forget_cond = parts.encode_text(list(forget_prompts))
         self.anchor_cond = parts.encode_text([self.anchor_of.get(p, "") for p in forget_prompts])
         self.retain_cond = parts.encode_text(list(retain_prompts)) if retain_lat is not None else None
+        if self.config.preserve_projection > 0 and self.preserve:
+            self.projector = preserve_projectors(self.deltas, self.kinds, parts.encode_text(self.preserve),
+                                                 self.config.preserve_projection)
 
     def train(self, progress: Callable[[ProgressEvent], None], metadata: dict[str, str]) -> UnlearnResult:
         start = time.time()
@@ -316,7 +337,46 @@ class TrustRun:
                 z, smoothed_mask = zscore_mask(self.smooth, sal.kinds, config.saliency.xi)
                 sal = dataclasses.replace(sal, z=z, mask=smoothed_mask)
             self.sal = sal
-            self.mask = self._allowed(sal.mask)
+            self.mask = self._budgeted(self._chosen(sal), sal.z)
+
+    def _chosen(self, sal: SaliencyResult) -> dict[str, torch.Tensor]:
+        """This step's rows before the budget: the concept neurons that may change, or the ablation controls'
+        top-K by z (mask_rows) or random rows of the same count (mask_source 'random')."""
+        config = self.config
+        mask = self._allowed(sal.mask)
+        if config.mask_rows > 0:
+            mask = self._allowed(_top_rows({n: sal.z[n] for n in self.deltas.delta}, config.mask_rows, mask))
+        if config.mask_source == "random":
+            names = list(self.deltas.delta)
+            sizes = [mask[n].numel() for n in names]
+            pick = torch.zeros(sum(sizes), dtype=torch.bool)
+            pick[torch.randperm(sum(sizes), generator=self.gen)[:_count(mask)]] = True
+            mask = {**mask, **{n: part.to(mask[n].device) for n, part in zip(names, pick.split(sizes))}}
+        return mask
+
+    def _budgeted(self, mask: dict[str, torch.Tensor], z: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """The mask under the row budget: rows changed before stay when flagged; new rows join by z (site order
+        without z) while fewer than the budget's rows were ever changed. Records the rows ever changed."""
+        if self.capacity <= 0:
+            for n in self.ever:
+                self.ever[n] |= mask[n]
+            return mask
+        names = list(self.ever)
+        new = torch.cat([mask[n] & ~self.ever[n] for n in names])
+        room = self.capacity - int(sum(int(e.sum()) for e in self.ever.values()))
+        if int(new.sum()) > room:
+            order = (torch.cat([z[n].float() for n in names]) if z is not None
+                     else -torch.arange(new.numel(), dtype=torch.float32, device=new.device))
+            keep = torch.zeros_like(new)
+            if room > 0:
+                keep[torch.where(new, order, torch.full_like(order, -math.inf)).topk(room).indices] = True
+            new = new & keep
+        sizes = [self.ever[n].numel() for n in names]
+        out = dict(mask)
+        for n, admitted in zip(names, new.split(sizes)):
+            out[n] = (mask[n] & self.ever[n]) | admitted
+            self.ever[n] |= admitted
+        return out
 
     def step(self, step: int) -> dict:
         """One step of Algorithm 2; returns its history record."""
@@ -341,6 +401,8 @@ class TrustRun:
         change = self.optimizer.step(grads, mask)
         if config.loss == "cip" and config.cip_update == "proximal" and config.beta > 0:
             _shrink(deltas, mask, {n: g["lr"] * config.beta for n, g in self.optimizer.groups.items()})
+        if self.projector:
+            _project(deltas, mask, self.projector)
         record = {"step": step, "loss": loss, "neurons": _count(mask), "row_change": change, **log}
         if self.sal is not None:
             record["saliency"] = self.sal.objective
@@ -585,6 +647,44 @@ def _csr_finite_difference(run: TrustRun, masked, g, x_t, t, idx, v, b, mb, grad
     for n in u:
         grads[n] += config.beta * (sides[0][n] - sides[1][n]) / (h * max(1, count))
     return penalty
+
+
+def _top_rows(z: dict[str, torch.Tensor], k: int, template: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The k rows of highest z across the given sites, as masks (sites not in z: no rows)."""
+    names = list(z)
+    flat = torch.cat([z[n].float() for n in names])
+    pick = torch.zeros_like(flat, dtype=torch.bool)
+    pick[flat.topk(min(k, flat.numel())).indices] = True
+    out = {n: torch.zeros_like(m) for n, m in template.items()}
+    for n, part in zip(names, pick.split([z[n].numel() for n in names])):
+        out[n] = part
+    return out
+
+
+def preserve_projectors(deltas: SiteDeltas, kinds: dict[str, str], preserve_cond: torch.Tensor,
+                        energy: float) -> dict[str, torch.Tensor]:
+    """Per to_k/to_v site: I - U U^T, U = the fewest eigenvectors of the preserve prompts' token second-moment matrix
+    (every token of every prompt, as the text encoder gives them to cross-attention) holding `energy` of its trace.
+    A delta row d with d U = 0 leaves W c unchanged for any c in span(U): those prompts' keys and values stay."""
+    tokens = preserve_cond.reshape(-1, preserve_cond.shape[-1]).double()
+    values, vectors = torch.linalg.eigh(tokens.T @ tokens)
+    values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
+    share = values.cumsum(0) / values.sum().clamp_min(1e-30)
+    r = int((share < energy).sum()) + 1 if energy < 1 else int((values > 0).sum())
+    u = vectors[:, :min(r, vectors.shape[1])]
+    projector = (torch.eye(u.shape[0], dtype=torch.float64, device=u.device) - u @ u.T).float()
+    return {n: projector.to(d.device) for n, d in deltas.delta.items()
+            if kinds[n] in ("k", "v") and d.shape[1] == projector.shape[0]}
+
+
+def _project(deltas: SiteDeltas, mask, projectors: dict[str, torch.Tensor]) -> None:
+    """The changed rows of every projected site moved back into the preserve directions' null space."""
+    with torch.no_grad():
+        for name, projector in projectors.items():
+            rows = mask[name]
+            if rows.any():
+                d = deltas.delta[name]
+                d[rows] = d[rows] @ projector
 
 
 def _cip_penalty(deltas: SiteDeltas, masked: dict[str, torch.Tensor]) -> torch.Tensor:
