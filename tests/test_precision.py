@@ -216,3 +216,34 @@ def test_bfloat16_saliency_decode_runs_in_bfloat16_and_keeps_the_mask(testbed):
     assert union > 0 and inter / union >= 0.9, (inter, union)
     with pytest.raises(ValueError, match="decode_precision must be one of"):
         estimate(parts, deltas, ["a triangle"], SaliencyConfig(decode_precision="float8"), aligner)
+
+
+def test_csr_probes_gradient_is_the_derivative_of_their_mean_penalty(testbed):
+    """The several-probe, per-sample-scaled CSR estimator (csr_probes, csr_scale 'sample'): with the probes fixed,
+    the gradient it adds is the derivative of the penalty it reports (a central difference along a random
+    direction of the masked rows)."""
+    _, parts, aligner = testbed
+    merged = concepts.merge([concepts.expand("triangle")])
+    config = unlearn.config_for("csr", **{**TINY, "csr_probes": 2, "csr_scale": "sample", "csr_fd_step": 1e-3,
+                                          "retain_unconditional": False})
+    run = unlearn.TrustRun(parts, merged, config, aligner, 3.0)
+    g = torch.Generator().manual_seed(0)
+    x_t, t = torch.randn(3, *parts.latent_shape, generator=g), torch.tensor([300, 500, 700])
+    cond = parts.encode_text(["a triangle"] * 3)
+    masked = {n: torch.arange(d.shape[0]) % 4 == 0 for n, d in run.deltas.delta.items()}
+    direction = {n: torch.randn(d.shape, generator=g) * masked[n].view(-1, 1) for n, d in run.deltas.delta.items()}
+
+    def penalty(shift: float, grads=None) -> float:
+        with torch.no_grad():
+            for n, d in run.deltas.delta.items():
+                d.copy_(shift * direction[n])
+        run.gen.manual_seed(11)  # the same probes every call
+        grads = grads if grads is not None else {n: torch.zeros_like(d) for n, d in run.deltas.delta.items()}
+        return unlearn._csr_probes(run, masked, x_t, t, cond, 3, grads, 1.0)
+
+    grads = {n: torch.zeros_like(d) for n, d in run.deltas.delta.items()}
+    penalty(0.0, grads)
+    analytic = sum(float((grads[n] * direction[n]).sum()) for n in grads) / config.beta
+    eps = 1e-3
+    numeric = (penalty(eps) - penalty(-eps)) / (2 * eps)
+    assert analytic != 0 and abs(analytic - numeric) <= 0.05 * abs(numeric), (analytic, numeric)

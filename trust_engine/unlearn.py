@@ -83,6 +83,16 @@ class UnlearnConfig:
                                            "first-order backward passes at W +- h*u; fits in memory and runs on fused "
                                            "attention kernels) or 'exact' (double backprop through PyTorch's math "
                                            "attention kernel; about twice the memory)")
+    csr_probes: int = _f(1, "random probe vectors v per step of CSR's estimate of the sensitivity (the penalty is "
+                            "their mean: more probes, lower variance, three UNet passes each). Any setting of "
+                            "csr_probes, csr_scale or csr_data other than the first-built (1, batch, forget) takes the "
+                            "finite-difference Hessian-vector product whatever csr_hvp says")
+    csr_scale: str = _f("batch", "how CSR's probe is scaled: 'batch' (<v, eps> / batch before squaring, as first "
+                                 "built: the penalty shrinks as 1/batch) or 'sample' (/ sqrt(batch): its expectation "
+                                 "is the per-image sensitivity whatever the batch)")
+    csr_data: str = _f("forget", "whose noise prediction CSR keeps insensitive to the concept neurons: 'forget' (the "
+                                 "paper's reading) or 'retain' (a Fisher reading: the retain prompts' prediction, so "
+                                 "the changed rows move what should be kept as little as possible)")
     csr_fd_step: float = _f(1e-2, "finite-difference step of CSR's Hessian-vector product, as a fraction of the norm "
                                   "of the concept neurons' weights")
     forget_images: int = _f(32, "self-generated images of the forget prompts (the forget set)")
@@ -535,6 +545,9 @@ def _loss_and_grads(run: TrustRun, mask):
                         if config.retain_target == "base" else r_noise)
     masked = {n: mask[n] for n in names if mask[n].any()}
     csr = config.loss == "csr" and bool(masked) and config.beta > 0
+    generic_csr = csr and _generic_csr(config)
+    if generic_csr:  # several probes, another scale or the retain data: its own passes after the loss's
+        csr = False
     v = torch.randn(target.shape, generator=gen).to(parts.device) if csr else None
     exact_csr = csr and config.csr_hvp == "exact"
     if exact_csr:
@@ -572,7 +585,12 @@ def _loss_and_grads(run: TrustRun, mask):
     if retain:
         log["retain_loss"] = loss_retain
     if masked and config.beta > 0:
-        if csr:
+        if generic_csr:
+            data = ((r_x, r_t, run.retain_cond[r_idx]) if config.csr_data == "retain" and retain
+                    else (x_t, t, run.forget_cond[idx]))
+            penalty = _csr_probes(run, masked, *data, mb, grads, scale)
+            loss += config.beta * penalty
+        elif csr:
             if not exact_csr:
                 penalty = _csr_finite_difference(run, masked, csr_grads, x_t, t, idx, v, b, mb, grads, scale)
             loss += config.beta * penalty
@@ -685,6 +703,56 @@ def _project(deltas: SiteDeltas, mask, projectors: dict[str, torch.Tensor]) -> N
             if rows.any():
                 d = deltas.delta[name]
                 d[rows] = d[rows] @ projector
+
+
+def _generic_csr(config: UnlearnConfig) -> bool:
+    """Whether CSR runs through `_csr_probes` (anything but the first-built single forget probe)."""
+    return config.csr_probes > 1 or config.csr_scale != "batch" or config.csr_data != "forget"
+
+
+def _csr_probes(run: TrustRun, masked, x_t, t, cond, mb: int, grads, scale: float) -> float:
+    """CSR's penalty mean_p |m * d<v_p, eps>/dW|^2 / count over `csr_probes` probes on the given inputs, and its
+    gradient (added to `grads`) by the same central finite-difference Hessian-vector product as
+    `_csr_finite_difference`, per probe: three first-order passes per probe (the probe's gradient, then W +- h u)."""
+    deltas, config, parts = run.deltas, run.config, run.parts
+    b = x_t.shape[0]
+    norm = math.sqrt(b) if config.csr_scale == "sample" else b
+    count = sum(int(m.sum()) * deltas.delta[n].shape[1] for n, m in masked.items())
+    with torch.no_grad():
+        w_norm = math.sqrt(sum(float((deltas.base[n][m].float() + deltas.delta[n][m]).pow(2).sum())
+                               for n, m in masked.items()))
+    total = 0.0
+    for _ in range(config.csr_probes):
+        v = torch.randn((b, *parts.latent_shape), generator=run.gen).to(parts.device)
+
+        def probe_grad(offset: dict[str, torch.Tensor], v: torch.Tensor = v) -> dict[str, torch.Tensor]:
+            deltas.offset = offset
+            try:
+                out = {n: torch.zeros_like(deltas.delta[n]) for n in masked}
+                for lo in range(0, b, mb):
+                    sl = slice(lo, lo + mb)
+                    pred = _eps(parts, deltas.call, x_t[sl], t[sl], cond[sl])
+                    got = torch.autograd.grad((pred * v[sl]).sum() / norm * scale,
+                                              [deltas.delta[n] for n in masked], allow_unused=True)
+                    for n, g in zip(masked, got):
+                        if g is not None:
+                            out[n] += g / scale
+                return out
+            finally:
+                deltas.offset = {}
+
+        first = probe_grad({})
+        u = {n: first[n] * masked[n].view(-1, 1) for n in masked}
+        total += sum(float(u[n].pow(2).sum()) for n in u) / max(1, count)
+        u_norm = math.sqrt(sum(float(x.pow(2).sum()) for x in u.values()))
+        if u_norm == 0:
+            continue
+        h = config.csr_fd_step * max(w_norm, 1e-12) / u_norm
+        plus = probe_grad({n: h * u[n] for n in u})
+        minus = probe_grad({n: -h * u[n] for n in u})
+        for n in u:
+            grads[n] += scale * config.beta * (plus[n] - minus[n]) / (h * max(1, count) * config.csr_probes)
+    return total / config.csr_probes
 
 
 def _cip_penalty(deltas: SiteDeltas, masked: dict[str, torch.Tensor]) -> torch.Tensor:
