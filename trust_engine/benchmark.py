@@ -61,6 +61,12 @@ VARIANTS: dict[str, tuple[str, dict, str]] = {
     "trust-random": ("trust", {"mask_source": "random"},
                      "control: each step, random rows, as many as the saliency mask flags"),
     "trust-csr": ("trust", {"loss": "csr"}, "CSR instead of CIP"),
+    # per-sample scale multiplies the expected penalty by the batch (8): beta / 8 keeps CSR's strength
+    "trust-csr-probes": ("trust", {"loss": "csr", "csr_probes": 4, "csr_scale": "sample", "beta": 0.0025},
+                         "CSR with 4 probes a step at the same expected strength (lower variance)"),
+    "trust-csr-retain": ("trust", {"loss": "csr", "csr_probes": 4, "csr_scale": "sample", "beta": 0.0025,
+                                   "csr_data": "retain"},
+                         "CSR's Fisher reading: the retain prompts' prediction kept insensitive to the changed rows"),
     "trust-budget": ("trust", {"row_budget": 0.15}, "at most 15 % of the trainable rows ever changed"),
     "trust-project": ("trust", {"preserve_projection": 0.99},
                       "updates projected off the preserve prompts' text directions (99 % of their energy)"),
