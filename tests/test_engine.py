@@ -242,3 +242,23 @@ def test_preserve_projection_keeps_the_preserve_prompts_keys_and_values(testbed)
         return worst
 
     assert worst_change(1.0) < 1e-4 < worst_change(0.0)
+
+
+def test_saliency_from_the_forget_set_skips_the_sampling_passes(testbed):
+    pipe, parts, aligner = testbed
+    deltas = SiteDeltas(pipe.unet, find_sites(pipe.unet))
+    clean = (torch.randn(3, *parts.latent_shape, generator=torch.Generator().manual_seed(0)), ["a triangle"] * 3)
+    calls = {}
+    for source in ("generate", "forget_set"):
+        seen = []
+        original = deltas.call
+        deltas.call = lambda *a, **k: (seen.append(1), original(*a, **k))[1]
+        try:
+            config = SaliencyConfig(steps=8, images=1, stop_range=(0.6, 0.6), source=source)
+            result = estimate(parts, deltas, ["a triangle"], config, aligner, generator=torch.Generator().manual_seed(1),
+                              cfg=3.0, clean=clean)
+        finally:
+            deltas.call = original
+        calls[source] = len(seen)
+        assert result.total() > 0
+    assert calls["generate"] - calls["forget_set"] == 4  # the 4 sampled steps before the stop point (0.6 of 7)

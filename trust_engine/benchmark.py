@@ -53,6 +53,12 @@ def _dynamic_union(results: dict, task: str, seed: int) -> int:
     return int(cell["rows_changed"])
 
 
+def _saliency(**fields):
+    from .saliency import SaliencyConfig
+
+    return SaliencyConfig(**fields)
+
+
 # TRuST's ablation rows (README "What each TRuST choice buys"): variant name -> (method, config overrides, what it
 # tests). An override may be a function of (results so far, task, seed). Cells of a variant are named by it.
 VARIANTS: dict[str, tuple[str, dict, str]] = {
@@ -67,6 +73,8 @@ VARIANTS: dict[str, tuple[str, dict, str]] = {
     "trust-csr-retain": ("trust", {"loss": "csr", "csr_probes": 4, "csr_scale": "sample", "beta": 0.0025,
                                    "csr_data": "retain"},
                          "CSR's Fisher reading: the retain prompts' prediction kept insensitive to the changed rows"),
+    "trust-cheap-saliency": ("trust", {"saliency": _saliency(source="forget_set")},
+                             "saliency from the forget set's latents, noised, instead of a fresh trajectory"),
     "trust-budget": ("trust", {"row_budget": 0.15}, "at most 15 % of the trainable rows ever changed"),
     "trust-project": ("trust", {"preserve_projection": 0.99},
                       "updates projected off the preserve prompts' text directions (99 % of their energy)"),

@@ -111,6 +111,7 @@ RANGES: dict[str, Range] = {
     "saliency_cfg": Range(0.0, 30.0, optional=True, note="None = the run's guidance scale"),
     "saliency_mode": Range(choices=("auto", "clip", "noise")),
     "saliency_precision": Range(choices=("host", "bfloat16")),
+    "saliency_source": Range(choices=("generate", "forget_set")),
     "stop_fraction": Range(0.0, 1.0),
     # host and CLI inputs
     "mode": Range(choices=("individual", "combination", "conditional")),
@@ -124,7 +125,7 @@ RANGES: dict[str, Range] = {
 # config field path -> table name, where they differ (SaliencyConfig's fields share names with UnlearnConfig's)
 CONFIG_NAMES = {"saliency.steps": "saliency_steps", "saliency.images": "saliency_images", "saliency.cfg": "saliency_cfg",
                 "saliency.mode": "saliency_mode", "saliency.xi": "xi",
-                "saliency.decode_precision": "saliency_precision"}
+                "saliency.decode_precision": "saliency_precision", "saliency.source": "saliency_source"}
 
 
 def check(name: str, value: Any, label: str | None = None) -> None:

@@ -27,6 +27,11 @@ class SaliencyConfig:
     mode: str = dataclasses.field(default="auto", metadata={
         "help": "clip: gradient of the aligner's CLIP score; noise: gradient of ||eps(x_t,c) - eps(x_t,anchor)||^2 "
                 "(for hosts without an aligner); auto: clip when an aligner is given"})
+    source: str = dataclasses.field(default="generate", metadata={
+        "help": "where the noisy latent the gradient is taken at comes from: 'generate' (a fresh trajectory from "
+                "noise, sampled without gradients up to the stop point: the paper's reading) or 'forget_set' (a "
+                "choice, cheaper: a clean latent of the run's forget set, noised to the stop point's timestep; no "
+                "sampling passes). Runs without a forget set (the saliency node) always generate"})
     decode_precision: str = dataclasses.field(default="host", metadata={
         "help": "precision of the differentiable decode and CLIP score (clip mode): host = the model's dtype; "
                 "bfloat16 = under bfloat16 autocast on a float32 host, which halves that path's activations (the "
@@ -92,7 +97,8 @@ _HALF_SCALE = 2.0**16
 
 def estimate(parts: DiffusionParts, deltas: SiteDeltas, prompts: list[str], config: SaliencyConfig,
              aligner: Aligner | None = None, anchor: str = "", generator: torch.Generator | None = None,
-             cfg: float = 7.5, progress: Callable[[ProgressEvent], None] | None = None) -> SaliencyResult:
+             cfg: float = 7.5, progress: Callable[[ProgressEvent], None] | None = None,
+             clean: tuple[torch.Tensor, list[str]] | None = None) -> SaliencyResult:
     """One saliency estimate at the current weights (base + delta): Algorithm 1. `progress` gets a "saliency" event
     per sampling step and one at the end (a host stops the estimate by raising from it).
 
@@ -109,7 +115,12 @@ def estimate(parts: DiffusionParts, deltas: SiteDeltas, prompts: list[str], conf
     cfg = config.cfg if config.cfg is not None else cfg
     gen = generator or torch.Generator().manual_seed(0)
     rng = random.Random(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-    chosen = [prompts[rng.randrange(len(prompts))] for _ in range(config.images)]
+    from_set = config.source == "forget_set" and clean is not None
+    if from_set:  # clean latents of the forget set and their prompts
+        picked = [rng.randrange(clean[0].shape[0]) for _ in range(config.images)]
+        chosen = [clean[1][i] for i in picked]
+    else:
+        chosen = [prompts[rng.randrange(len(prompts))] for _ in range(config.images)]
     n = len(chosen)
     cond = parts.encode_text(chosen)
     uncond = parts.encode_text([""] * n)
@@ -117,12 +128,16 @@ def estimate(parts: DiffusionParts, deltas: SiteDeltas, prompts: list[str], conf
     lo, hi = config.stop_range
     k_stop = rng.randint(int(lo * (config.steps - 1)), max(int(lo * (config.steps - 1)), int(hi * (config.steps - 1))))
     latents = torch.randn((n, *parts.latent_shape), generator=gen).to(parts.device)
-    with torch.no_grad():
-        for i, t in enumerate(sched.timesteps[:k_stop]):
-            latents = sched.step(guided_output(parts, deltas.call, latents, t, cond, uncond, cfg), t, latents).prev_sample
-            if progress:
-                progress(ProgressEvent("saliency", i + 1, config.steps, {}, "sampling"))
     t = sched.timesteps[k_stop]
+    if from_set:  # x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise, as the scheduler noises training latents
+        latents = sched.add_noise(clean[0][picked].to(parts.device).float(), latents, t.view(1).repeat(n))
+    else:
+        with torch.no_grad():
+            for i, step_t in enumerate(sched.timesteps[:k_stop]):
+                latents = sched.step(guided_output(parts, deltas.call, latents, step_t, cond, uncond, cfg), step_t,
+                                     latents).prev_sample
+                if progress:
+                    progress(ProgressEvent("saliency", i + 1, config.steps, {}, "sampling"))
     if torch.device(parts.device).type == "cpu":
         release_free_memory()  # the sampling's freed activations, before the decode's backward allocates on top
     anchor_cond = parts.encode_text([anchor] * n) if mode == "noise" else None

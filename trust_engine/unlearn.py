@@ -287,6 +287,7 @@ class TrustRun:
         """The training sets as clean latents and their prompts (prepare() generates them; the benchmark sets them)."""
         parts = self.parts
         self.forget_lat, self.retain_lat = forget_lat, retain_lat
+        self.forget_prompts = list(forget_prompts)
         self.forget_cond = parts.encode_text(list(forget_prompts))
         self.anchor_cond = parts.encode_text([self.anchor_of.get(p, "") for p in forget_prompts])
         self.retain_cond = parts.encode_text(list(retain_prompts)) if retain_lat is not None else None
@@ -339,7 +340,8 @@ class TrustRun:
         refresh = not config.static_mask and config.mask_every > 0 and (step - 1) % config.mask_every == 0
         if self.mask is None or (refresh and not (step == 1 and self.initial_mask)):
             sal = estimate(self.parts, self.deltas, self.forget, config.saliency, self.aligner,
-                           self.merged.concepts[0].anchor, self.gen, self.cfg)
+                           self.merged.concepts[0].anchor, self.gen, self.cfg,
+                           clean=(self.forget_lat, self.forget_prompts) if self.forget_lat is not None else None)
             if config.saliency_momentum > 0:
                 m = config.saliency_momentum
                 self.smooth = {n: v if self.smooth is None else m * self.smooth[n] + (1 - m) * v
