@@ -252,7 +252,7 @@ def test_saliency_from_the_forget_set_skips_the_sampling_passes(testbed):
     for source in ("generate", "forget_set"):
         seen = []
         original = deltas.call
-        deltas.call = lambda *a, **k: (seen.append(1), original(*a, **k))[1]
+        deltas.call = lambda *a, seen=seen, original=original, **k: (seen.append(1), original(*a, **k))[1]
         try:
             config = SaliencyConfig(steps=8, images=1, stop_range=(0.6, 0.6), source=source)
             result = estimate(parts, deltas, ["a triangle"], config, aligner, generator=torch.Generator().manual_seed(1),
