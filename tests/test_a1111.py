@@ -584,9 +584,13 @@ def test_a_request_without_the_method_fields_still_runs_trust(pack, web):
     import hashlib
 
     expanded = importlib.import_module(PACK + ".trust_engine.concepts").expand_all("red circle", "individual")
-    config = pack.job.build_config("CIP", 2, 5e-3, 0.1, 0.0, 2.0, 1, 0, 4)
+    config = dataclasses.asdict(pack.job.build_config("CIP", 2, 5e-3, 0.1, 0.0, 2.0, 1, 0, 4))
+    for later in ("mask_rows", "mask_source", "row_budget", "preserve_projection", "csr_probes", "csr_scale",
+                  "csr_data"):  # the config as it was before these fields existed
+        del config[later]
+    del config["saliency"]["source"]
     blob = json.dumps({"concepts": [(e.text, e.mode, e.forget, e.preserve, e.anchor) for e in expanded],
-                       "config": dataclasses.asdict(config), "resolution": 64, "aligner": "", "neurons": "",
+                       "config": config, "resolution": 64, "aligner": "", "neurons": "",
                        "base": meta["base_fingerprint"], "engine": pack.job.__version__}, sort_keys=True)
     assert meta["cache_key"] == hashlib.sha256(blob.encode()).hexdigest()[:32]
     positional = pack.run.Request("red circle", "individual", "CIP", 2, 5e-3, 0.1, 0.0, 2.0, 1, 0, 4, 64, "", "", "")

@@ -338,3 +338,23 @@ def test_salun_testbed_run_moves_the_concept_to_its_pseudo_prompt(testbed):
         for when, unet in (("before", pipe.unet), ("after", patched.unet)):
             gap[when] += float(salun.forget_loss(_eps_of(parts, unet, x, t, "triangle"), _eps_of(parts, unet, x, t, "")))
     assert gap["after"] < 0.8 * gap["before"], gap
+
+
+def test_cache_key_leaves_out_later_fields_only_at_their_old_meaning():
+    import dataclasses
+
+    from trust_engine import concepts, job, unlearn
+
+    expanded = [concepts.expand("triangle")]
+    key = lambda config: job.cache_key(expanded, config, 64, "", "", "base")  # noqa: E731
+    default = unlearn.config_for("cip")
+    before = dataclasses.asdict(default)  # what the key hashed before the later fields existed
+    for path in unlearn.LATER_FIELDS:
+        *parents, leaf = path.split(".")
+        owner = before
+        for parent in parents:
+            owner = owner[parent]
+        del owner[leaf]
+    assert job._keyed(default) == before
+    assert key(unlearn.config_for("cip", row_budget=0.15)) != key(default)
+    assert job._keyed(unlearn.config_for("cip", preserve_projection=0.99))["preserve_projection"] == 0.99

@@ -78,6 +78,23 @@ def mask_digest(mask: dict[str, torch.Tensor] | None) -> str:
     return hashlib.sha256(bits.numpy().tobytes()).hexdigest()
 
 
+def _keyed(config) -> dict:
+    """The config as the cache key holds it: TRuST fields added later (unlearn.LATER_FIELDS) are left out while they
+    hold the value that means what runs did before they existed, so files saved before still match."""
+    from .unlearn import LATER_FIELDS, UnlearnConfig
+
+    values = dataclasses.asdict(config)
+    if isinstance(config, UnlearnConfig):
+        for path, old in LATER_FIELDS.items():
+            *parents, leaf = path.split(".")
+            owner = values
+            for parent in parents:
+                owner = owner[parent]
+            if owner.get(leaf) == old:
+                del owner[leaf]
+    return values
+
+
 def cache_key(expanded, config, resolution: int, aligner_name: str, neurons: str, base_fp: str,
               method: str = "trust") -> str:
     """The inputs that decide a run's result, hashed. `config`: any method's config dataclass. The method is part of
@@ -85,7 +102,7 @@ def cache_key(expanded, config, resolution: int, aligner_name: str, neurons: str
     match."""
     blob = json.dumps({
         "concepts": [(e.text, e.mode, e.forget, e.preserve, e.anchor) for e in expanded],
-        "config": dataclasses.asdict(config), "resolution": resolution, "aligner": aligner_name,
+        "config": _keyed(config), "resolution": resolution, "aligner": aligner_name,
         "neurons": neurons, "base": base_fp, "engine": __version__, **({"method": method} if method != "trust" else {}),
     }, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]

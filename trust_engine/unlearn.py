@@ -126,6 +126,12 @@ class CSRConfig(UnlearnConfig):
     beta: float = _f(0.02, "weight of ||m * d<v, eps>/dW||^2 (mean over masked entries), double backprop")
 
 
+# fields added after TRuST files were first saved, with the value that means what runs did before they existed: the
+# cache key (trust_engine.job) leaves them out at that value, so a saved delta is still found for the same inputs
+LATER_FIELDS = {"mask_rows": 0, "mask_source": "saliency", "row_budget": 0.0, "preserve_projection": 0.0,
+                "csr_probes": 1, "csr_scale": "batch", "csr_data": "forget", "saliency.source": "generate"}
+
+
 def config_for(loss: str, **overrides) -> UnlearnConfig:
     cls = {"cip": CIPConfig, "csr": CSRConfig}.get(loss.lower())
     if cls is None:
