@@ -126,7 +126,8 @@ def unlearn(request: Request, modules=None) -> dict:
     open_parts = functools.partial(host.a1111_parts, sd_model, modules, request.resolution)
     if method == "trust":
         config = job.build_config(request.loss, request.steps, request.learning_rate, request.relative_lr,
-                                  request.beta, request.xi, request.mask_refresh, request.seed, request.training_images)
+                                  request.beta, request.xi, request.mask_refresh, request.seed, request.training_images,
+                                  request.method_settings)
         aligner = None
         if request.aligner and request.aligner != NO_ALIGNER:
             from ..trust_engine.loading import load_aligner

@@ -129,7 +129,8 @@ def tabs():
                     method = gr.Dropdown(METHODS, value="trust", elem_id="trust_method",
                                          label="Method (the others read only concepts, mode, preserve, seed, "
                                                "resolution and file name)")
-                    method_settings = gr.Textbox(label="Method settings (key=value, one per line; other methods only)",
+                    method_settings = gr.Textbox(label="Method settings (key=value, one per line; for TRuST only "
+                                                       "those without an input above, e.g. row_budget=0.15)",
                                                  lines=2, elem_id="trust_method_settings",
                                                  placeholder="erase_scale=30\npreserve_scale=1")
                 with gr.Row():

@@ -326,9 +326,11 @@ class TrustUnlearn:
                 # optional and last (saved workflows keep their widget values in place): the other erasers
                 "method": (list(METHOD_NAMES), {"default": "trust", "tooltip": _METHOD_TOOLTIP}),
                 "method_settings": ("STRING", {"default": "", "multiline": True, "tooltip":
-                                               "settings of the chosen method other than TRuST, key=value, one per "
-                                               "line or comma-separated (e.g. 'iterations=200, lr=1e-4' for esd); "
-                                               "empty = the paper's defaults. The report lists every setting used"}),
+                                               "the chosen method's settings, key=value, one per line or "
+                                               "comma-separated (e.g. 'iterations=200, lr=1e-4' for esd; for TRuST "
+                                               "the ones without an input above, e.g. 'row_budget=0.15, "
+                                               "preserve_projection=0.99'); empty = the defaults. The report lists "
+                                               "every setting used"}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -352,7 +354,7 @@ class TrustUnlearn:
         family = _run("checking the model", resolution, lambda: host.model_family(model))
         if config is None:
             config = job.build_config(loss, steps, learning_rate, relative_lr, beta, xi, mask_refresh, training_seed,
-                                      training_images)
+                                      training_images, method_settings)
         base = _run("reading the model", resolution, lambda: host.effective_site_weights(model))
         base_fp = fingerprint(base)
         if concept_neurons is not None and concept_neurons.base_fingerprint != base_fp:

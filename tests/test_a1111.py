@@ -552,7 +552,8 @@ def test_esd_shows_its_live_loss_curve_in_the_tab(pack, web, tab):
 
 @pytest.mark.parametrize("method, settings, message", [
     ("nope", "", "unknown method 'nope'"),
-    ("trust", "lr=1e-4", "method_settings is for the other methods"),
+    ("trust", "lr=1e-4", "lr is TRuST's learning_rate input: set it there"),
+    ("trust", "row_budget=2", "row_budget = 2.0 is not allowed"),
     ("uce", "bogus=1", "uce has no setting 'bogus'"),
     ("uce", "erase_scale=big", "expected a number"),
     ("uce", "erase_scale=-1", "erase_scale must lie in"),

@@ -347,8 +347,20 @@ def test_another_method_runs_through_the_same_node_and_the_stock_lora_path(pack,
     assert any(not torch.equal(b[k], before[k]) for k in b)
     with pytest.raises(ValueError, match="uce has no setting 'steps'"):
         node(pack, "TrustUnlearn").unlearn(model, clip, vae, "triangle", **fast(method="uce", method_settings="steps=3"))
-    with pytest.raises(ValueError, match="method_settings is for the other methods"):
+    with pytest.raises(ValueError, match="trust has no setting 'x'"):
         node(pack, "TrustUnlearn").unlearn(model, clip, vae, "triangle", **fast(method="trust", method_settings="x=1"))
+    with pytest.raises(ValueError, match="steps is TRuST's steps input: set it there"):
+        node(pack, "TrustUnlearn").unlearn(model, clip, vae, "triangle", **fast(method="trust",
+                                                                                method_settings="steps=3"))
+
+
+def test_trust_settings_without_an_input_go_through_method_settings(pack, host):
+    model, clip, vae = host
+    result = node(pack, "TrustUnlearn").unlearn(model, clip, vae, "triangle",
+                                                **fast(method="trust", method_settings="row_budget=0.005"))["result"]
+    saved = pack.trust_engine.delta.Delta.load(result[1].path)
+    assert json.loads(saved.metadata["config"])["row_budget"] == 0.005
+    assert 0 < sum(d.rank for d in saved.sites.values()) <= round(0.005 * 1408)  # the testbed's 1,408 K/V rows
 
 
 def test_a_fine_tuning_method_reports_and_charts_its_steps(pack, host):

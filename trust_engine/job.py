@@ -36,12 +36,30 @@ def default_cfg(family: str) -> float:
     return 5.0 if family == "SDXL" else 7.5
 
 
+# TRuST config fields the hosts show as inputs of their own (field -> input name): method_settings may not set them
+_TRUST_INPUTS = {"loss": "loss", "steps": "steps", "lr": "learning_rate", "relative_lr": "relative_lr",
+                 "beta": "beta", "seed": "training_seed", "mask_every": "mask_refresh", "static_mask": "mask_refresh",
+                 "forget_images": "training_images", "preserve_images": "training_images", "saliency": "xi"}
+
+
+def trust_settings(settings: str) -> dict[str, Any]:
+    """TRuST's `key=value` settings beyond the host's inputs (e.g. 'row_budget=0.15, preserve_projection=0.99');
+    a clear error, before any work, for a setting that has an input of its own or is unknown or out of range."""
+    values = methods.parse_options("trust", settings) if settings.strip() else {}
+    for key in values:
+        if key in _TRUST_INPUTS:
+            raise ValueError(f"method_settings: {key} is TRuST's {_TRUST_INPUTS[key]} input: set it there (the "
+                             "settings take only what has no input of its own)")
+    return values
+
+
 def build_config(loss: str, steps: int, learning_rate: float, relative_lr: float, beta: float, xi: float,
-                 mask_refresh: int, seed: int, training_images: int) -> UnlearnConfig:
-    """The engine config from the inputs TRUST Unlearn (and the AUTOMATIC1111 tab) show."""
+                 mask_refresh: int, seed: int, training_images: int, settings: str = "") -> UnlearnConfig:
+    """The engine config from the inputs TRUST Unlearn (and the AUTOMATIC1111 tab) show, and `settings`: TRuST's
+    other settings as method_settings text (trust_settings)."""
     overrides = {"steps": steps, "lr": learning_rate or None, "relative_lr": relative_lr, "seed": seed,
                  "mask_every": mask_refresh, "static_mask": mask_refresh == 0, "forget_images": training_images,
-                 "preserve_images": 2 * training_images}
+                 "preserve_images": 2 * training_images, **trust_settings(settings)}
     if beta > 0:
         overrides["beta"] = beta
     config = config_for(loss.lower(), **overrides)
@@ -52,12 +70,12 @@ def build_config(loss: str, steps: int, learning_rate: float, relative_lr: float
 def method_config(method: str, settings: str, seed: int) -> Any:
     """The config of a method other than TRuST from its `key=value` settings (methods.parse_options), its seed the
     host's seed input unless the settings name one; None for TRuST, whose config the host builds from its own inputs
-    (build_config). A clear error, before any work, for an unknown method, settings given for TRuST or a bad setting."""
+    (build_config, which applies TRuST's own settings). A clear error, before any work, for an unknown method or a
+    bad setting."""
     if method not in methods.METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {', '.join(methods.names())}")
     if method == "trust":
-        if settings.strip():
-            raise ValueError("method_settings is for the other methods: TRuST's settings are the inputs above")
+        config_for("cip", **trust_settings(settings))  # checked now, applied by build_config
         return None
     values = methods.parse_options(method, settings)
     if any(f.name == "seed" for f in dataclasses.fields(methods.METHODS[method][0])):

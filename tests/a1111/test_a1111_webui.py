@@ -229,7 +229,7 @@ def test_another_method_through_the_api_writes_a_lora_that_erases(webui, delta):
     from trust_engine.delta import Delta
 
     for bad, reason in (({"method": "nope"}, "unknown method 'nope'"),
-                        ({"method_settings": "lr=1e-4"}, "method_settings is for the other methods"),
+                        ({"method_settings": "lr=1e-4"}, "lr is TRuST's learning_rate input"),
                         ({"method": "uce", "method_settings": "bogus=1"}, "uce has no setting 'bogus'")):
         r = webui.post("/trust/v1/unlearn", json={"concepts": "a red circle", **bad})
         assert r.status_code == 422 and reason in r.text, r.text
