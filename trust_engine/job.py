@@ -22,6 +22,7 @@ import torch
 from . import __version__, methods
 from .delta import PARAM_DTYPE, Delta, fingerprint
 from .parts import DiffusionParts
+from .ranges import check_config
 from .saliency import SaliencyConfig
 from .sketch import SKETCH_KEY, sketch
 from .unet_view import find_sites
@@ -50,6 +51,7 @@ def trust_settings(settings: str) -> dict[str, Any]:
         if key in _TRUST_INPUTS:
             raise ValueError(f"method_settings: {key} is TRuST's {_TRUST_INPUTS[key]} input: set it there (the "
                              "settings take only what has no input of its own)")
+    check_config(config_for("cip", **values))
     return values
 
 
@@ -75,7 +77,7 @@ def method_config(method: str, settings: str, seed: int) -> Any:
     if method not in methods.METHODS:
         raise ValueError(f"unknown method {method!r}: choose one of {', '.join(methods.names())}")
     if method == "trust":
-        config_for("cip", **trust_settings(settings))  # checked now, applied by build_config
+        trust_settings(settings)  # checked now, applied by build_config
         return None
     values = methods.parse_options(method, settings)
     if any(f.name == "seed" for f in dataclasses.fields(methods.METHODS[method][0])):
