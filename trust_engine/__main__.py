@@ -932,9 +932,9 @@ def main(argv: list[str] | None = None) -> int:
                    "latents); several: the per-sample slope of peak memory is reported (default 1)")
     p.add_argument("--latent", type=int, help="latent size (default: the architecture's, 64 SD1.5, 128 SDXL)")
     p.add_argument("--methods", nargs="+", choices=("full_ft", "esd", "trust_cip", "trust_csr", "trust_cip_bf16decode",
-                                                    "trust_csr_bf16decode"),
+                                                    "trust_csr_bf16decode", "trust_cip_setsaliency"),
                    help="(default: the first four; full_ft first, the ratios' reference; *_bf16decode: TRuST with "
-                        "--saliency-precision bfloat16)")
+                        "--saliency-precision bfloat16; trust_cip_setsaliency: saliency from a noised forget-set latent)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=cmd_bench_scale)
 

@@ -43,7 +43,8 @@ ARCHS = {
 METHODS = ("full_ft", "esd", "trust_cip", "trust_csr")
 # TRuST with its differentiable decode + CLIP score under bfloat16 autocast on a float32 host (saliency
 # decode_precision="bfloat16"); not in the default set
-VARIANTS = ("trust_cip_bf16decode", "trust_csr_bf16decode")
+# trust_cip_setsaliency: the saliency gradient at a noised forget-set latent (SaliencyConfig.source="forget_set")
+VARIANTS = ("trust_cip_bf16decode", "trust_csr_bf16decode", "trust_cip_setsaliency")
 
 
 def _models(arch: str, device, dtype, aligner: bool = True):
@@ -202,7 +203,8 @@ def make_step(arch: str, method: str, device, dtype, saliency_steps: int = 10, e
     loss = "csr" if method.startswith("trust_csr") else "cip"
     precision = "bfloat16" if method.endswith("_bf16decode") else "host"
     config = config_for(loss, batch=batch, early_stop=None,
-                        saliency=SaliencyConfig(steps=saliency_steps, decode_precision=precision))
+                        saliency=SaliencyConfig(steps=saliency_steps, decode_precision=precision,
+                                                source="forget_set" if method.endswith("_setsaliency") else "generate"))
     merged = concepts.merge([concepts.expand("a cat", "individual", preserve=["a dog"])])
     run = TrustRun(parts, merged, config, aligner, cfg=7.5)
     g = torch.Generator().manual_seed(2)
