@@ -603,7 +603,8 @@ def _preset_choice(text: str) -> str:
 METHOD_NAMES = ("trust", "esd", "uce", "salun", "fia", "conceptprune")  # = trust_engine.methods.names() (a test
 # checks): spelled out so that the CLI's help does not import torch
 BENCH_VARIANTS = ("trust-static-topk", "trust-random", "trust-csr", "trust-csr-probes", "trust-csr-retain",
-                  "trust-cheap-saliency", "trust-budget", "trust-project", "trust-budget-project")  # = trust_engine.benchmark.VARIANTS (test_cli checks)
+                  "trust-cheap-saliency", "trust-budget", "trust-project", "trust-project-90",
+                  "trust-budget-project")  # = trust_engine.benchmark.VARIANTS (test_cli checks)
 ATTACK_NAMES = ("paraphrase", "soft_prompt", "ring_a_bell", "relearn")  # = trust_engine.attacks.ATTACKS (test_attacks)
 
 

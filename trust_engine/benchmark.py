@@ -78,6 +78,8 @@ VARIANTS: dict[str, tuple[str, dict, str]] = {
     "trust-budget": ("trust", {"row_budget": 0.15}, "at most 15 % of the trainable rows ever changed"),
     "trust-project": ("trust", {"preserve_projection": 0.99},
                       "updates projected off the preserve prompts' text directions (99 % of their energy)"),
+    "trust-project-90": ("trust", {"preserve_projection": 0.9},
+                         "updates projected off the preserve prompts' text directions holding 90 % of their energy"),
     "trust-budget-project": ("trust", {"row_budget": 0.15, "preserve_projection": 0.99},
                              "both levers"),
 }
