@@ -141,9 +141,10 @@ class ConceptType:
                 raise ConceptError(f"concept type {self.name!r}: forget template {template!r} needs '{{}}' once")
 
 
-# The retain sets follow the prompts of the published erasers (/work/shared/reference: FIA and ConceptPrune's prompt
-# tables, SalUn's NSFW set, ESD's and UCE's anchors); each entry says which. Every prompt names its subject, so a
-# preserve prompt that contains the concept itself ("a photo of a dog" when erasing "dog") is dropped at expansion.
+# The retain sets follow the prompts of the published erasers (FIA's fia/prompts.py and ConceptPrune's
+# utils/prompts.py, SalUn's NSFW set, the anchors of ESD and of UCE's trainscripts/uce_sd_erase.py); each entry says
+# which. Every prompt names its subject, so a preserve prompt that contains the concept itself ("a photo of a dog"
+# when erasing "dog") is dropped at expansion.
 CONCEPT_TYPES: dict[str, ConceptType] = {
     NO_CONCEPT_TYPE: ConceptType(
         NO_CONCEPT_TYPE,
@@ -201,7 +202,7 @@ CONCEPT_TYPES: dict[str, ConceptType] = {
         ),
         anchor="a person wearing clothes",
     ),
-    # ESD's erasing issue #13: erasing one celebrity also erased others, so other people are the retain set;
+    # ESD's issue rohitgandikota/erasing#13: erasing one celebrity also erased others, so other people are the retain set;
     # ConceptPrune's person prompts are headshots.
     "person": ConceptType(
         "person",
@@ -224,7 +225,7 @@ CONCEPT_TYPES: dict[str, ConceptType] = {
 
 def concept_type_of(name: str) -> ConceptType:
     """The ConceptType of a name as a user may write it ('art style', 'Art-Style', 'art_style')."""
-    key = " ".join(str(name).replace("-", " ").replace("_", " ").lower().split()) if isinstance(name, str) else name
+    key = " ".join(name.replace("-", " ").replace("_", " ").lower().split()) if isinstance(name, str) else None
     if key not in CONCEPT_TYPES:
         raise ConceptError(f"unknown concept type {name!r}; choose one of {', '.join(map(repr, CONCEPT_TYPES))}")
     return CONCEPT_TYPES[key]
