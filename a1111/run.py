@@ -48,6 +48,8 @@ class Request:
     # last, so requests written before the other methods existed keep working (and run TRuST)
     method: str = "trust"
     method_settings: str = ""
+    # last: requests without it keep their meaning ("none", the expansion they always had)
+    concept_type: str = concept_specs.NO_CONCEPT_TYPE
 
 
 def web_ui_modules() -> types.SimpleNamespace:
@@ -113,7 +115,8 @@ def unlearn(request: Request, modules=None) -> dict:
     config = job.method_config(method, request.method_settings, request.seed)  # None for TRuST
     if not request.concepts.strip():
         raise ValueError("concepts is empty: type what to erase, one concept per line")
-    expanded = concept_specs.expand_all(request.concepts, request.mode, preserve=request.preserve)
+    expanded = concept_specs.expand_all(request.concepts, request.mode, preserve=request.preserve,
+                                        concept_type=request.concept_type)
     sd_model = shared.sd_model
     family = host.model_family(sd_model, shared.cmd_opts)
     host.check_unet_replacement(getattr(modules, "sd_unet", None))

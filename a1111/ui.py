@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 
 from ..trust_engine import attacks, methods, ranges
+from ..trust_engine.concepts import CONCEPT_TYPES, NO_CONCEPT_TYPE
 from ..trust_engine.render import training_curves
 from . import bake as bake_module
 from . import delta_script, host, run
@@ -23,7 +24,8 @@ def _limits(name: str) -> dict:
 
 
 def erase(id_task, concepts, mode, loss, steps, learning_rate, relative_lr, beta, xi, mask_refresh, seed,
-          training_images, resolution, preserve, file_name, aligner, method="trust", method_settings=""):
+          training_images, resolution, preserve, file_name, aligner, method="trust", method_settings="",
+          concept_type=NO_CONCEPT_TYPE):
     """The Erase button (run under wrap_gradio_gpu_call: queue lock, shared.state.begin/end). Returns the tag, the
     curves (None when the method recorded none: UCE, FIA, ConceptPrune, a reused file without them), the report, the
     file HTML and the (empty) error HTML."""
@@ -31,7 +33,8 @@ def erase(id_task, concepts, mode, loss, steps, learning_rate, relative_lr, beta
                           relative_lr=float(relative_lr), beta=float(beta), xi=float(xi),
                           mask_refresh=int(mask_refresh), seed=int(seed), training_images=int(training_images),
                           resolution=int(resolution), preserve=preserve, file_name=file_name, aligner=aligner,
-                          method=method, method_settings=method_settings or "")
+                          method=method, method_settings=method_settings or "",
+                          concept_type=concept_type or NO_CONCEPT_TYPE)
     try:
         out = run.unlearn(request)
     except host.Interrupted as e:
@@ -121,6 +124,9 @@ def tabs():
                                            elem_id="trust_resolution")
                 preserve = gr.Textbox(label="Preserve (prompts that must keep working, one per line)", lines=2,
                                       elem_id="trust_preserve")
+                concept_type = gr.Dropdown(list(CONCEPT_TYPES), value=NO_CONCEPT_TYPE, elem_id="trust_concept_type",
+                                           label="Concept type (adds preserve prompts and an anchor; real "
+                                                 "checkpoints)")
                 with gr.Row():
                     aligner = gr.Dropdown([run.NO_ALIGNER] + run.aligner_names(shared), value=run.NO_ALIGNER,
                                           label="Aligner (models/concept_aligners)", elem_id="trust_aligner")
@@ -199,7 +205,7 @@ def tabs():
                 error = gr.HTML(elem_id="trust_error")
         id_task = gr.Textbox(visible=False, elem_id="trust_id_task")
         inputs = [id_task, concepts, mode, loss, steps, learning_rate, relative_lr, beta, xi, mask_refresh, seed,
-                  training_images, resolution, preserve, file_name, aligner, method, method_settings]
+                  training_images, resolution, preserve, file_name, aligner, method, method_settings, concept_type]
         start.click(fn=call_queue.wrap_gradio_gpu_call(erase, extra_outputs=["", None, "", ""]),
                     _js="trust_start", inputs=inputs, outputs=[tag, curves, report, output, error])
         bake_start.click(fn=call_queue.wrap_gradio_gpu_call(bake, extra_outputs=[""]), _js="trust_bake_start",

@@ -32,6 +32,11 @@ _METHOD_TOOLTIP = (
     "others use only concepts, mode, preserve, training_seed, file_name and method_settings: esd (ESD-x, fine-tunes "
     "cross-attention), uce (closed-form edit of cross-attention K/V, seconds), salun (saliency-masked fine-tune), "
     "fia and conceptprune (training-free: zero feed-forward weights)")
+CONCEPT_TYPES = list(concept_specs.CONCEPT_TYPES)
+_CONCEPT_TYPE_TOOLTIP = (
+    "preserve prompts and an anchor for a common kind of concept, written for real checkpoints (added to your "
+    "preserve prompts; your anchor wins). " + "; ".join(f"{name}: {kind.help}"
+                                                        for name, kind in concept_specs.CONCEPT_TYPES.items()))
 # node input -> its name in the table of allowed values (trust_engine.ranges), where they differ
 _TABLE_NAMES = {"mask_refresh": "mask_every", "training_seed": "seed", "saliency_seed": "seed",
                 "training_images": "forget_images"}
@@ -331,6 +336,9 @@ class TrustUnlearn:
                                                "the ones without an input above, e.g. 'row_budget=0.15, "
                                                "preserve_projection=0.99'); empty = the defaults. The report lists "
                                                "every setting used"}),
+                # optional and last: saved workflows lack it and keep meaning "none", the expansion they had
+                "concept_type": (CONCEPT_TYPES, {"default": concept_specs.NO_CONCEPT_TYPE,
+                                                 "tooltip": _CONCEPT_TYPE_TOOLTIP}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -343,14 +351,16 @@ class TrustUnlearn:
 
     def unlearn(self, model, clip, vae, concepts, mode, loss, steps, learning_rate, beta, xi, mask_refresh,
                 training_seed, file_name, preserve="", concept_neurons=None, aligner=None, resolution=0,
-                training_images=32, relative_lr=0.1, method="trust", method_settings="", unique_id=None):
+                training_images=32, relative_lr=0.1, method="trust", method_settings="",
+                concept_type=concept_specs.NO_CONCEPT_TYPE, unique_id=None):
         ranges.check_inputs({"mode": mode, "loss": str(loss).lower(), "steps": steps, "learning_rate": learning_rate,
                              "beta": beta, "xi": xi, "mask_refresh": mask_refresh, "training_seed": training_seed,
                              "resolution": resolution, "training_images": training_images,
                              "relative_lr": relative_lr}, _TABLE_NAMES)
         config = job.method_config(method, method_settings, training_seed)  # None for TRuST
         expanded = _run("reading the concepts", resolution,
-                        lambda: concept_specs.expand_all(concepts, mode, preserve=preserve))
+                        lambda: concept_specs.expand_all(concepts, mode, preserve=preserve,
+                                                         concept_type=concept_type))
         family = _run("checking the model", resolution, lambda: host.model_family(model))
         if config is None:
             config = job.build_config(loss, steps, learning_rate, relative_lr, beta, xi, mask_refresh, training_seed,

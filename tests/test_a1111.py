@@ -720,3 +720,25 @@ def test_verify_refuses_bad_input_and_another_base_and_stops_when_interrupted(pa
         inspect.verify.verify(V(delta="no circles", aligner=aligner_folder, attacks="paraphrase", resolution=64), web)
     assert digest(web.shared.sd_model) == before
     assert web.sd_hijack.calls.count("undo") == web.sd_hijack.calls.count("apply")
+
+
+def test_a_concept_type_reaches_the_key_and_the_report_and_old_requests_mean_none(pack, web, tab, monkeypatch):
+    """The tab's and the API's concept_type (last, default 'none'): a request without it computes the key it always
+    did; a concept type changes the key and the report says what it added. Every run here is a cache hit on a saved
+    file (no training): only the inputs' path to the key is under test."""
+    import dataclasses
+
+    keys = []
+    fixture = str(ROOT / "tests" / "fixtures" / "deltas" / "erase_triangle.safetensors")
+    monkeypatch.setattr(pack.job, "find_cached", lambda folder, key: keys.append(key) or fixture)
+    old = pack.run.unlearn(request(pack), web)
+    _, _, none, _, _ = tab.erase(*erase_args(concept_type="none"))
+    _, _, typed, _, _ = tab.erase(*erase_args(concept_type="person"))
+    assert keys[0] == keys[1] != keys[2]
+    assert "Concept type" not in old["report"] and "Concept type" not in none
+    assert "Concept type 'person' added 12 preserve prompts" in typed and "Anchor: 'a person'" in typed
+    assert [f.name for f in dataclasses.fields(pack.run.Request)][-1] == "concept_type"
+    api = importlib.import_module(PACK + ".a1111.api")
+    assert api.values(api.request_model()(concepts="red circle"))["concept_type"] == "none"
+    with pytest.raises(ValueError, match="unknown concept type 'nsfw'"):
+        pack.run.unlearn(request(pack, concept_type="nsfw"), web)

@@ -100,3 +100,18 @@ def test_the_cli_names_every_method():
     assert BENCH_VARIANTS == tuple(benchmark.VARIANTS)
     out = run("methods")
     assert all(f"{name}: changes" in out for name in methods.names())
+
+
+def test_concept_type_on_the_testbed_is_refused_by_name_before_any_work(tmp_path):
+    """--concept-type reaches the expansion; its prompts are for real checkpoints, so the testbed refuses them with
+    a message naming the type, and nothing is written. An unknown type lists the valid ones."""
+    for extra, message in [(["--concept-type", "art-style"], "concept type 'art style' adds prompts written for "
+                                                             "real checkpoints, and this model cannot read "
+                                                             "'a painting in the style of triangle'"),
+                           (["--concept-type", "nsfw"], "unknown concept type 'nsfw'; choose one of 'none'")]:
+        out = tmp_path / "never.safetensors"
+        result = subprocess.run([sys.executable, "-m", "trust_engine", "unlearn", "--concept", "triangle",
+                                 "--out", str(out), *extra], cwd=ROOT, capture_output=True, text=True,
+                                timeout=120)  # an unchecked type would start a real run
+        assert result.returncode == 2 and message in result.stderr, (extra, result.stderr[-500:])
+        assert not out.exists()

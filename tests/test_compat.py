@@ -108,3 +108,16 @@ def test_an_old_workflows_absolute_learning_rate_keeps_its_meaning(pack):
     assert rates and all(r == 0.005 for r in rates)
     spec = pack.NODE_CLASS_MAPPINGS["TrustUnlearn"].INPUT_TYPES()
     assert "relative_lr" in spec["optional"] and "relative_lr" not in spec["required"]
+
+
+def test_an_old_workflow_has_no_concept_type_and_keeps_meaning_none(pack):
+    """Workflows saved before concept types carry no value for it: the node's default, 'none', the old expansion."""
+    saved = json.loads((FIXTURES / "workflows" / "widgets_as_saved.json").read_text())
+    unlearns = [n["inputs"] for flow in saved.values() for n in flow.values() if n["type"] == "TrustUnlearn"]
+    assert unlearns and all("concept_type" not in inputs for inputs in unlearns)
+    spec = pack.NODE_CLASS_MAPPINGS["TrustUnlearn"].INPUT_TYPES()
+    assert "concept_type" not in spec["required"] and spec["optional"]["concept_type"][1]["default"] == "none"
+    import inspect
+
+    signature = inspect.signature(pack.NODE_CLASS_MAPPINGS["TrustUnlearn"].unlearn)
+    assert signature.parameters["concept_type"].default == "none"

@@ -3,10 +3,13 @@
 import pytest
 
 from trust_engine.concepts import (
+    CONCEPT_TYPES,
     MODES,
+    NO_CONCEPT_TYPE,
     ConceptError,
     ConceptSpec,
     ExpandConfig,
+    check_concept_types,
     expand,
     expand_all,
     merge,
@@ -318,3 +321,121 @@ def test_bad_config_is_refused():
 def test_concept_error_is_a_value_error():
     """ConceptError is a ValueError, so hosts that catch ValueError show it."""
     assert issubclass(ConceptError, ValueError)
+
+
+# --- concept types: preset preserve prompts and anchors for real checkpoints ------------------------------------------
+
+TYPED = [t for t in CONCEPT_TYPES if t != NO_CONCEPT_TYPE]
+CONCEPT_OF = {"object": "a dog", "art style": "van gogh", "nudity": "nudity", "person": "brad pitt"}
+
+
+def test_concept_type_none_is_the_expansion_as_before():
+    """'none' (the default) adds nothing: the same prompts, anchor and notes as an expansion without a type."""
+    plain = expand("nudity")
+    assert expand("nudity", concept_type="none") == plain
+    assert plain.concept_type == "none" and plain.type_prompts == () and plain.preserve == () and plain.anchor == ""
+    assert ConceptSpec("nudity", "individual", (), None, None).concept_type == "none"  # positional order kept
+
+
+@pytest.mark.parametrize("name", TYPED)
+def test_each_concept_type_adds_its_retain_set_and_anchor(name):
+    """A type's preserve prompts are added (a retain set worth the name), its anchor replaces '', and the notes say
+    which type added what."""
+    kind = CONCEPT_TYPES[name]
+    e = expand(CONCEPT_OF[name], concept_type=name)
+    assert e.concept_type == name and len(kind.preserve) >= 12 and kind.help and kind.why
+    assert set(e.preserve) <= set(kind.preserve) and len(e.preserve) >= len(kind.preserve) - 1
+    assert e.anchor == kind.anchor and not set(e.preserve) & set(e.forget)
+    templated = {t.format(e.text) for t in kind.forget}
+    assert templated <= set(e.forget)
+    assert set(e.type_prompts) == set(e.preserve) | templated | ({e.anchor} - {""})
+    explained = e.explain()
+    assert f"Concept type {name!r} added {len(e.preserve)} preserve prompts" in explained
+    assert f"Anchor: {kind.anchor!r}, from concept type {name!r}" in explained
+    assert kind.why in explained
+
+
+def test_concept_type_templates_and_names_without_an_article():
+    """Art style and person add forget forms with the concept's text and write names without 'a'."""
+    style = expand("Van Gogh", concept_type="art style")
+    assert "a painting in the style of van gogh" in style.forget and "a photo of van gogh" in style.forget
+    assert "a van gogh" not in style.forget
+    person = expand("brad pitt", concept_type="person")
+    assert {"a portrait of brad pitt", "a headshot of brad pitt"} <= set(person.forget)
+    assert "added forget prompts: 'a portrait of brad pitt'" in person.explain()
+
+
+def test_user_preserve_prompts_are_added_to_the_concept_types():
+    e = expand("nudity", concept_type="nudity", preserve=["a knight in armour", "a photo of a man"])
+    kind = CONCEPT_TYPES["nudity"]
+    assert e.preserve == (*kind.preserve, "a knight in armour")
+    assert "from the user (used as typed): 'a knight in armour', 'a photo of a man'" in e.explain()
+
+
+def test_a_user_anchor_overrides_the_concept_types():
+    e = expand("nudity", concept_type="nudity", anchor="a person in a coat")
+    assert e.anchor == "a person in a coat" and "a person wearing clothes" not in e.type_prompts
+    assert "set by the user (instead of 'a person wearing clothes' from concept type 'nudity')" in e.explain()
+    assert expand("nudity", concept_type="nudity", anchor="").anchor == ""
+
+
+def test_a_concept_types_prompts_that_name_the_concept_are_left_out():
+    """Erasing 'van gogh' does not preserve '... style of vincent van gogh'; erasing 'a dog' not 'a photo of a dog'."""
+    style = expand("van gogh", concept_type="art style")
+    assert "a painting in the style of vincent van gogh" not in style.preserve
+    assert "left out, as they name the concept: 'a painting in the style of vincent van gogh'" in style.explain()
+    dog = expand("a dog", concept_type="object")
+    assert "a photo of a dog" not in dog.preserve and "a photo of a cat" in dog.preserve
+
+
+def test_the_type_anchor_is_for_individual_concepts_only():
+    """Combination and conditional concepts keep the closer anchor they derive; the type's preserve prompts are added."""
+    e = expand("red car", "combination", concept_type="object")
+    assert e.anchor == "a car" and "a photo of a bicycle" in e.preserve and "a red object" in e.preserve
+
+
+def test_merge_drops_type_prompts_that_name_another_concept():
+    """'van gogh' and 'monet' erased together: neither type's preserve set keeps the other painter."""
+    merged = merge(expand_all("van gogh\nmonet", concept_type="art style"))
+    assert not [p for p in merged.preserve if "monet" in p or "gogh" in p]
+    assert "a painting in the style of rembrandt" in merged.preserve
+    assert "name a concept of this run: 'a painting in the style of claude monet'" in merged.explain()
+
+
+def test_concept_types_pass_through_expand_all_and_specs():
+    expanded = expand_all(["nudity", ConceptSpec("cubism", concept_type="art style")], concept_type="nudity")
+    assert [e.concept_type for e in expanded] == ["nudity", "art style"]
+    with pytest.raises(ConceptError, match="not both"):
+        expand(ConceptSpec("cubism"), concept_type="art style")
+
+
+@pytest.mark.parametrize("name", ["Art-Style", "art_style", "  ART   style "])
+def test_concept_type_names_are_forgiving(name):
+    assert expand("cubism", concept_type=name).concept_type == "art style"
+
+
+def test_an_unknown_concept_type_lists_the_valid_ones():
+    with pytest.raises(ConceptError, match="unknown concept type 'nsfw'; choose one of 'none', 'object', 'art style'"):
+        expand("nudity", concept_type="nsfw")
+
+
+@pytest.mark.parametrize("name", TYPED)
+def test_the_testbeds_closed_vocabulary_refuses_a_concept_type_by_name(name):
+    """The types are written for real checkpoints: on the testbed the check names the type and what to do."""
+    from trust_engine.testbed import world
+
+    expanded = expand_all("triangle", concept_type=name)
+    with pytest.raises(ConceptError, match=f"concept type {name!r} adds prompts written for real checkpoints.*"
+                                           "use concept type 'none'.*does not know the word"):
+        check_concept_types(expanded, world.check_words)
+    check_concept_types(expand_all("triangle"), world.check_words)  # 'none' adds nothing to check
+
+
+def test_the_readme_documents_every_concept_type():
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Concept types"):]
+    section = section[: section.index("\n#", 1)]
+    for name in CONCEPT_TYPES:
+        assert f"| `{name}`" in section, name

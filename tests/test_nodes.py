@@ -97,7 +97,7 @@ def test_learning_rate_keeps_its_old_meaning_and_zero_means_relative(pack, host)
     assert new_config["lr"] is None and new_config["relative_lr"] == 0.2
     assert "relative row change per step" in report_new and "0.2 x each site's weight RMS" in report_new
     spec = pack.NODE_CLASS_MAPPINGS["TrustUnlearn"].INPUT_TYPES()
-    assert list(spec["optional"])[-3:] == ["relative_lr", "method", "method_settings"], \
+    assert list(spec["optional"])[-4:] == ["relative_lr", "method", "method_settings", "concept_type"], \
         "new inputs go last so saved widget values stay in place"
     assert spec["required"]["learning_rate"][1]["default"] == 0.0
 
@@ -474,3 +474,50 @@ def test_verify_erasure_node_refuses_bad_input_before_work(pack, host, bad, mess
         cls().verify(model, clip, vae, **args)
     if "concept" in bad or "attacks" in bad:
         assert isinstance(cls.VALIDATE_INPUTS(concept=args["concept"], attacks=args["attacks"]), str)
+
+
+def test_concept_type_is_an_optional_last_combo_with_a_tooltip_per_value(pack):
+    spec = pack.NODE_CLASS_MAPPINGS["TrustUnlearn"].INPUT_TYPES()
+    assert "concept_type" not in spec["required"] and list(spec["optional"])[-1] == "concept_type"
+    choices, options = spec["optional"]["concept_type"]
+    types = pack.trust_engine.concepts.CONCEPT_TYPES
+    assert choices == list(types) and options["default"] == "none"
+    for name, kind in types.items():
+        assert f"{name}: {kind.help}" in options["tooltip"]
+
+
+def test_concept_type_reaches_the_key_and_report_and_an_old_workflow_keeps_its_key(pack, host, monkeypatch):
+    """A workflow saved before concept_type (no such widget value: the node's default) computes the key it always
+    did, so its saved delta is still reused; a concept type changes the key and the report says what it added."""
+    import dataclasses
+    import hashlib
+
+    from conftest import ROOT
+
+    model, clip, vae = host
+    job = pack.trust_engine.job
+    keys = []
+    fixture = str(ROOT / "tests" / "fixtures" / "deltas" / "erase_triangle.safetensors")
+
+    def found(folder, key):  # every run is a cache hit on a saved file: no training, only the key is under test
+        keys.append(key)
+        return fixture
+
+    monkeypatch.setattr(job, "find_cached", found)
+    unlearn = node(pack, "TrustUnlearn").unlearn
+    reports = [unlearn(model, clip, vae, "triangle", **fast(), **extra)["result"][3]
+               for extra in ({}, {"concept_type": "none"}, {"concept_type": "nudity"})]
+    assert keys[0] == keys[1] != keys[2]
+    assert "Concept type" not in reports[0] and reports[0] == reports[1]
+    assert "Concept type 'nudity' added 16 preserve prompts" in reports[2]
+    assert "Anchor: 'a person wearing clothes', from concept type 'nudity'" in reports[2]
+    # the old formula, as files saved before concept types (and other methods) hold it
+    expanded = pack.trust_engine.concepts.expand_all("triangle", "individual")
+    config = job.build_config("CIP", 3, 5e-3, 0.1, 0.0, 2.0, 1, 0, 32)
+    base = pack.nodes.trust_nodes._fingerprint_of(model)
+    blob = json.dumps({"concepts": [(e.text, e.mode, e.forget, e.preserve, e.anchor) for e in expanded],
+                       "config": dataclasses.asdict(config), "resolution": 32, "aligner": "", "neurons": "",
+                       "base": base, "engine": job.__version__}, sort_keys=True)
+    assert keys[0] == hashlib.sha256(blob.encode()).hexdigest()[:32]
+    with pytest.raises(ValueError, match="unknown concept type 'nsfw'"):
+        unlearn(model, clip, vae, "triangle", **fast(concept_type="nsfw"))

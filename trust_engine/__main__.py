@@ -139,7 +139,14 @@ def run_unlearn(args: argparse.Namespace, pipe=None, parts=None, aligner=None, c
     from . import methods
     from .progress import text_progress
 
-    expanded = concept_specs.expand_all(args.concept, args.mode, preserve=args.preserve or ())
+    expanded = concept_specs.expand_all(args.concept, args.mode, preserve=args.preserve or (),
+                                        concept_type=getattr(args, "concept_type", None) or "none")
+    if parts is not None or not getattr(args, "model", None):  # a closed vocabulary (the testbed): refuse up front
+        from .testbed import world
+
+        check = parts.check_prompt if parts is not None else world.check_words
+        if check:
+            concept_specs.check_concept_types(expanded, check)
     method = getattr(args, "method", None) or "trust"
     config = _unlearn_config(args)  # every setting checked before the model is loaded
     if pipe is None:
@@ -748,6 +755,7 @@ def cmd_gpu_check(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .concepts import CONCEPT_TYPES
     from .testbed.check import DEFAULT_CFG, DEFAULT_STEPS
 
     parser = argparse.ArgumentParser(prog="python -m trust_engine", description=__doc__)
@@ -816,6 +824,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=("individual", "combination", "conditional"), default="individual",
                    help="individual ('triangle'), combination ('red circle'), conditional ('circle on a square')")
     p.add_argument("--preserve", nargs="*", help="extra prompts to keep working")
+    p.add_argument("--concept-type", default="none", help="preserve prompts and an anchor for a common kind of "
+                   "concept, for real checkpoints (--model): " + "; ".join(f"{name!r}: {kind.help}" for name, kind in
+                                                                            CONCEPT_TYPES.items()) + " (default none)")
     p.add_argument("--out", default="delta.safetensors", help="delta file to write (default delta.safetensors)")
     training_options(p)
     model_options(p)

@@ -9,14 +9,19 @@ Modes (DESIGN §2, method §1.7):
 - conditional  "a cat on the table": split at the first relation phrase. Parts = each side alone and the two sides in
                another relation ("a cat next to the table"), which is also the anchor.
 Users may mark parts themselves (`parts=[...]`), which replaces the derivation; the anchor can always be overridden.
+
+Concept types (CONCEPT_TYPES): presets for common kinds of concept on real checkpoints - object, art style, nudity,
+person - each adding a retain set (preserve prompts) and an anchor, so an individual concept is not erased against
+`""` alone. "none" (the default) adds nothing. User preserve prompts are added to the type's; a user anchor wins.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 
 MODES = ("individual", "combination", "conditional")
+NO_CONCEPT_TYPE = "none"
 
 _EMPTY_CONCEPT = "type the concept to erase, e.g. 'nudity' or 'red circle'"
 
@@ -117,6 +122,115 @@ class ExpandConfig:
 DEFAULT_CONFIG = ExpandConfig()
 
 
+@dataclass(frozen=True)
+class ConceptType:
+    """Preset prompts for one common kind of concept, written for real checkpoints (CLIP's open vocabulary; the
+    bundled testbed knows none of these words). `{}` in a forget template is replaced by the concept's text."""
+
+    name: str
+    help: str  # one line: what the type is for (tooltips, --help)
+    why: str  # one sentence: why these prompts (README, the expansion's notes)
+    preserve: tuple[str, ...] = ()  # the retain set: prompts that must keep working
+    anchor: str | None = None  # what an individual concept becomes; None = the mode's own anchor
+    forget: tuple[str, ...] = ()  # more forget prompts, templates with '{}' once
+    article: str | None = None  # ExpandConfig.article for this type (names take none: 'a photo of van gogh')
+
+    def __post_init__(self) -> None:
+        for template in self.forget:
+            if template.count("{}") != 1:
+                raise ConceptError(f"concept type {self.name!r}: forget template {template!r} needs '{{}}' once")
+
+
+# The retain sets follow the prompts of the published erasers (FIA's fia/prompts.py and ConceptPrune's
+# utils/prompts.py, SalUn's NSFW set, the anchors of ESD and of UCE's trainscripts/uce_sd_erase.py); each entry says
+# which. Every prompt names its subject, so a preserve prompt that contains the concept itself ("a photo of a dog"
+# when erasing "dog") is dropped at expansion.
+CONCEPT_TYPES: dict[str, ConceptType] = {
+    NO_CONCEPT_TYPE: ConceptType(
+        NO_CONCEPT_TYPE,
+        help="nothing added: the mode's own parts and anchor ('' for an individual concept)",
+        why="the expansion as before concept types existed; type your own preserve prompts",
+    ),
+    # ESD and UCE anchor objects to the unconditional prompt ""; FIA/ConceptPrune contrast an object with the
+    # everyday things and places it appears among (their `objects` and `places` lists).
+    "object": ConceptType(
+        "object",
+        help="a thing (a car, a dog, a logo): keeps other everyday objects and scenes; anchor ''",
+        why="other everyday objects and the scenes things appear in (FIA's and ConceptPrune's object and place "
+            "prompts) keep the model drawing everything else, while the object goes to the unconditional prompt "
+            "as in ESD and UCE",
+        preserve=tuple(f"a photo of {x}" for x in (
+            "a dog", "a cat", "a car", "a bicycle", "a chair", "a table", "a bird", "a flower", "a tree", "a clock",
+            "a guitar", "a laptop", "a book", "a bottle", "a street", "a park", "a room", "a beach", "a forest",
+            "a mountain")),
+        anchor="",
+    ),
+    # UCE's guide concept for art is "art"; FIA/ConceptPrune write styles as "a {thing} in the style of {artist}"
+    # and contrast them with plain "a photo of a {thing}".
+    "art style": ConceptType(
+        "art style",
+        help="an artist or a style (van gogh, cubism): keeps other named styles and plain photos; anchor 'art'",
+        why="paintings in other named styles and plain photos of the same subjects (FIA's and ConceptPrune's art "
+            "prompts) keep art and photography working while the style goes to UCE's guide concept 'art'",
+        preserve=(
+            "a painting in the style of claude monet", "a painting in the style of rembrandt",
+            "a painting in the style of pablo picasso", "a painting in the style of salvador dali",
+            "a painting in the style of leonardo da vinci", "a painting in the style of vincent van gogh",
+            "a painting in the style of katsushika hokusai", "a watercolor painting of a landscape",
+            "an oil painting of a still life", "a pencil drawing of a house", "a photo of a city street",
+            "a photo of a landscape", "a photo of a person", "a photo of a cat", "a photo of a house",
+        ),
+        anchor="art",
+        forget=("a painting in the style of {}", "a portrait in the style of {}", "a landscape in the style of {}",
+                "art by {}"),
+        article="never",
+    ),
+    # SalUn's NSFW set: forget "a photo of a nude person", retain and pseudo prompt "a photo of a person wearing
+    # clothes"; FIA/ConceptPrune contrast "a photo of a naked {person}" with "a photo of a {person}".
+    "nudity": ConceptType(
+        "nudity",
+        help="nudity / NSFW: keeps clothed people, portraits and swimwear scenes; anchor 'a person wearing clothes'",
+        why="clothed people of every kind, portraits and beach or swimwear scenes (SalUn's retain prompt, FIA's "
+            "and ConceptPrune's person prompts) keep people and skin drawable while nudity goes to a clothed "
+            "person, SalUn's pseudo prompt; classical nude sculpture is left out, as preserving it would keep nudity",
+        preserve=(
+            "a photo of a person wearing clothes", "a photo of a man", "a photo of a woman", "a photo of a girl",
+            "a photo of a boy", "a photo of a couple", "a photo of a group of friends", "a photo of a doctor",
+            "a photo of a teacher", "a portrait of a woman", "a portrait of a man",
+            "a woman in a swimsuit on the beach", "a man in swim trunks on the beach", "people at a swimming pool",
+            "a fashion photo of a model in a dress", "a mother holding her baby",
+        ),
+        anchor="a person wearing clothes",
+    ),
+    # ESD's issue rohitgandikota/erasing#13: erasing one celebrity also erased others, so other people are the retain set;
+    # ConceptPrune's person prompts are headshots.
+    "person": ConceptType(
+        "person",
+        help="a named person (a celebrity, a politician): keeps other people and portraits; anchor 'a person'",
+        why="other people, portraits and headshots (ConceptPrune's headshot prompts; ESD's users saw other "
+            "celebrities erased along with one) keep faces and people working while the person goes to "
+            "'a person'",
+        preserve=(
+            "a photo of a man", "a photo of a woman", "a portrait of an old man", "a portrait of a young woman",
+            "a headshot of a man", "a headshot of a woman", "a photo of a child", "a photo of a group of friends",
+            "a photo of an actor on the red carpet", "a photo of a politician giving a speech",
+            "a photo of a singer on stage", "a photo of an athlete",
+        ),
+        anchor="a person",
+        forget=("a portrait of {}", "a headshot of {}", "{} smiling"),
+        article="never",
+    ),
+}
+
+
+def concept_type_of(name: str) -> ConceptType:
+    """The ConceptType of a name as a user may write it ('art style', 'Art-Style', 'art_style')."""
+    key = " ".join(name.replace("-", " ").replace("_", " ").lower().split()) if isinstance(name, str) else None
+    if key not in CONCEPT_TYPES:
+        raise ConceptError(f"unknown concept type {name!r}; choose one of {', '.join(map(repr, CONCEPT_TYPES))}")
+    return CONCEPT_TYPES[key]
+
+
 def _lines(value: str | Iterable[str] | None) -> tuple[str, ...]:
     """A multiline string (one entry a line) or a list of strings -> the non-blank entries."""
     if value is None:
@@ -133,7 +247,10 @@ class ConceptSpec:
     """One concept as the user gave it. `preserve` and `parts` take a list or a multiline string (one a line).
 
     parts:  None or empty = derive them from the text by the mode's rule; otherwise these parts are used as given.
-    anchor: None = the mode's default; any string (also "" = the unconditional prompt) overrides it.
+    anchor: None = the mode's default (or the concept type's); any string (also "" = the unconditional prompt)
+            overrides it.
+    concept_type: a name in CONCEPT_TYPES; its preserve prompts are added to `preserve` (last: positional specs
+            written before it keep their meaning).
     """
 
     text: str
@@ -141,6 +258,7 @@ class ConceptSpec:
     preserve: tuple[str, ...] = ()
     parts: tuple[str, ...] | None = None
     anchor: str | None = None
+    concept_type: str = NO_CONCEPT_TYPE
 
     def __post_init__(self) -> None:
         if not isinstance(self.text, str):
@@ -160,6 +278,8 @@ class ExpandedConcept:
     anchor: str  # what the forget prompts are pulled towards; "" = the unconditional prompt
     parts: tuple[str, ...]
     notes: tuple[str, ...] = ()  # how parts and anchor were derived, one sentence each
+    concept_type: str = NO_CONCEPT_TYPE
+    type_prompts: tuple[str, ...] = ()  # the prompts the concept type added (forget, preserve and anchor)
 
     def explain(self) -> str:
         """A human-readable account of how this concept was expanded."""
@@ -175,16 +295,21 @@ class MergedConcepts:
 
     concepts: tuple[ExpandedConcept, ...]
     forget: tuple[str, ...]  # every concept's forget prompts, in concept order, without duplicates
-    preserve: tuple[str, ...]  # every concept's preserve prompts minus any prompt that is also a forget prompt
+    # every concept's preserve prompts minus any prompt that is also a forget prompt, and minus a concept type's
+    # prompts that name another concept of the run
+    preserve: tuple[str, ...]
     pairs: tuple[tuple[str, str], ...]  # (forget prompt, its concept's anchor); a shared prompt keeps the first
 
     def explain(self) -> str:
         """Each concept's explanation, then the merged totals."""
-        dropped = {p for c in self.concepts for p in c.preserve} & set(self.forget)
+        dropped = {p for c in self.concepts for p in c.preserve} - set(self.preserve)
+        erased = dropped & set(self.forget)
         tail = f"Merged: {len(self.forget)} forget prompts, {len(self.preserve)} preserve prompts"
-        if dropped:
-            names = ", ".join(map(repr, sorted(dropped)))
-            tail += f" (not preserved because another concept erases them: {names})"
+        if erased:
+            tail += f" (not preserved because another concept erases them: {', '.join(map(repr, sorted(erased)))})"
+        if dropped - erased:
+            named = ", ".join(map(repr, sorted(dropped - erased)))
+            tail += f" (concept-type prompts not preserved because they name a concept of this run: {named})"
         return "\n".join([*(c.explain() for c in self.concepts), tail])
 
 
@@ -314,6 +439,15 @@ def _parse_conditional(text: str, config: ExpandConfig) -> _Parsed:
     )
 
 
+def _contains(prompt: str, text: str, config: ExpandConfig) -> bool:
+    """Whether the prompt names the concept: its words without a leading determiner, in a row, in the prompt."""
+    words = text.lower().split()
+    if len(words) > 1 and words[0] in config.determiners:
+        words = words[1:]
+    have = [w.strip(".,;:!?'\"()") for w in prompt.lower().split()]
+    return any(have[i : i + len(words)] == words for i in range(len(have) - len(words) + 1))
+
+
 def expand(
     concept: str | ConceptSpec,
     mode: str = "individual",
@@ -322,20 +456,25 @@ def expand(
     parts: str | Iterable[str] | None = None,
     anchor: str | None = None,
     config: ExpandConfig | None = None,
+    concept_type: str = NO_CONCEPT_TYPE,
 ) -> ExpandedConcept:
     """Expand one concept into forget prompts, preserve prompts and an anchor (see the module docstring).
 
-    `concept` is the text as typed, or a ConceptSpec (then leave mode/preserve/parts/anchor at their defaults).
+    `concept` is the text as typed, or a ConceptSpec (then leave mode/preserve/parts/anchor/concept_type at their
+    defaults). `concept_type`: a name in CONCEPT_TYPES, whose prompts are added (see ConceptType).
     Raises ConceptError with a message that says what to type instead.
     """
     config = config or DEFAULT_CONFIG
     if isinstance(concept, ConceptSpec):
-        if (mode, tuple(preserve), parts, anchor) != ("individual", (), None, None):
-            raise ConceptError("pass either a ConceptSpec or mode/preserve/parts/anchor, not both")
+        if (mode, tuple(preserve), parts, anchor, concept_type) != ("individual", (), None, None, NO_CONCEPT_TYPE):
+            raise ConceptError("pass either a ConceptSpec or mode/preserve/parts/anchor/concept_type, not both")
         spec = concept
     else:
-        spec = ConceptSpec(concept, mode, preserve, parts, anchor)  # type: ignore[arg-type]  # normalised there
+        spec = ConceptSpec(concept, mode, preserve, parts, anchor, concept_type)  # type: ignore[arg-type]
 
+    kind = concept_type_of(spec.concept_type)
+    if kind.article:
+        config = replace(config, article=kind.article)
     text = _normalise(spec.text, config)
     if not text:
         raise ConceptError(_EMPTY_CONCEPT)
@@ -367,9 +506,26 @@ def expand(
         notes.extend(parsed.notes)
         final_parts = parsed.parts
 
+    own_forget = _forms(text, parsed.phrase if parsed else with_article(text, config), config)
+    type_forget = tuple(p for p in _unique(_normalise(t.format(text), config) for t in kind.forget)
+                        if p not in own_forget)
+    forget = own_forget + type_forget
+    typed = f"concept type {kind.name!r}"
+    if kind.name != NO_CONCEPT_TYPE:
+        notes.append(f"{typed.capitalize()}: {kind.why}.")
+    if type_forget:
+        notes.append(f"{typed.capitalize()} added forget prompts: {', '.join(map(repr, type_forget))}.")
+
+    # the type's anchor replaces only an individual concept's "": the other modes derive a closer one themselves
+    type_anchor = _normalise(kind.anchor, config) if kind.anchor is not None and mode_name == "individual" else None
+    anchor_from_type = spec.anchor is None and type_anchor is not None and type_anchor not in forget
     if spec.anchor is not None:
         final_anchor = _normalise(spec.anchor, config)
-        notes.append(f"Anchor: {final_anchor!r}, set by the user.")
+        overridden = f" (instead of {type_anchor!r} from {typed})" if type_anchor is not None else ""
+        notes.append(f"Anchor: {final_anchor!r}, set by the user{overridden}.")
+    elif anchor_from_type:
+        final_anchor = type_anchor or ""
+        notes.append(f"Anchor: {final_anchor!r}, from {typed}.")
     elif parsed is not None:
         final_anchor = parsed.anchor
         why = {
@@ -377,24 +533,33 @@ def expand(
             "combination": "the noun alone",
             "conditional": "the two sides in another relation",
         }[mode_name]
-        notes.append(f"Anchor: {final_anchor!r} ({why}).")
+        clash = f"; {type_anchor!r} from {typed} is the concept itself" if type_anchor is not None else ""
+        notes.append(f"Anchor: {final_anchor!r} ({why}{clash}).")
     else:
         final_anchor = ""
         notes.append(f"Anchor: '' (the unconditional prompt), since {text!r} does not parse as {mode_name}.")
 
-    forget = _forms(text, parsed.phrase if parsed else with_article(text, config), config)
     if final_anchor in forget:
         raise ConceptError(
             f"the anchor {final_anchor!r} is one of the forget prompts of {text!r}; choose what the concept should "
             "become instead, e.g. '' (the unconditional prompt)"
         )
-    user_preserve = [p for p in (_normalise(p, config) for p in spec.preserve) if p]
-    candidates = [form for part in final_parts for form in prompt_forms(part, config)] + user_preserve
     kept = set(forget)
+    type_preserve = [p for p in (_normalise(p, config) for p in kind.preserve) if p not in kept]
+    naming = [p for p in type_preserve if _contains(p, text, config)]
+    type_preserve = [p for p in type_preserve if p not in naming]
+    user_preserve = [p for p in (_normalise(p, config) for p in spec.preserve) if p]
+    candidates = [form for part in final_parts for form in prompt_forms(part, config)] + type_preserve + user_preserve
     preserve_prompts = _unique(p for p in candidates if p not in kept)
+    if type_preserve:
+        dropped = f" (left out, as they name the concept: {', '.join(map(repr, naming))})" if naming else ""
+        notes.append(f"{typed.capitalize()} added {len(type_preserve)} preserve prompts: "
+                     f"{', '.join(map(repr, _unique(type_preserve)))}{dropped}.")
     if user_preserve:
         notes.append(f"Preserve prompts from the user (used as typed): {', '.join(map(repr, _unique(user_preserve)))}.")
-    return ExpandedConcept(text, mode_name, forget, preserve_prompts, final_anchor, final_parts, tuple(notes))
+    type_prompts = _unique([*type_forget, *type_preserve, *([final_anchor] if anchor_from_type and final_anchor else [])])
+    return ExpandedConcept(text, mode_name, forget, preserve_prompts, final_anchor, final_parts, tuple(notes),
+                           kind.name, type_prompts)
 
 
 def expand_all(
@@ -403,30 +568,32 @@ def expand_all(
     *,
     preserve: str | Iterable[str] = (),
     config: ExpandConfig | None = None,
+    concept_type: str = NO_CONCEPT_TYPE,
 ) -> list[ExpandedConcept]:
     """Expand several concepts of one run: a multiline string (one concept a line, blank lines ignored) or a list.
 
-    Plain-text concepts take `mode`; ConceptSpecs keep their own. `preserve` is added to every concept. A concept
-    repeated with the same mode is expanded once.
+    Plain-text concepts take `mode` and `concept_type`; ConceptSpecs keep their own. `preserve` is added to every
+    concept. A concept repeated with the same mode and type is expanded once.
     """
     config = config or DEFAULT_CONFIG
     items = _lines(concepts) if isinstance(concepts, str) else list(concepts)
     run_preserve = _lines(preserve)
     result: list[ExpandedConcept] = []
-    seen: set[tuple[str, str]] = set()
+    seen: set[tuple[str, str, str]] = set()
     for number, item in enumerate(items, start=1):
         if isinstance(item, ConceptSpec):
-            spec = ConceptSpec(item.text, item.mode, item.preserve + run_preserve, item.parts, item.anchor)
+            spec = ConceptSpec(item.text, item.mode, item.preserve + run_preserve, item.parts, item.anchor,
+                               item.concept_type)
         else:
-            spec = ConceptSpec(item, mode, run_preserve)
+            spec = ConceptSpec(item, mode, run_preserve, concept_type=concept_type)
         try:
             expanded = expand(spec, config=config)
         except ConceptError as error:
             if len(items) == 1:
                 raise
             raise ConceptError(f"concept {number} of {len(items)} ({spec.text.strip()!r}): {error}") from error
-        if (expanded.text, expanded.mode) not in seen:
-            seen.add((expanded.text, expanded.mode))
+        if (expanded.text, expanded.mode, expanded.concept_type) not in seen:
+            seen.add((expanded.text, expanded.mode, expanded.concept_type))
             result.append(expanded)
     if not result:
         raise ConceptError(_EMPTY_CONCEPT)
@@ -434,7 +601,8 @@ def expand_all(
 
 
 def merge(concepts: Iterable[ExpandedConcept]) -> MergedConcepts:
-    """One view of several expanded concepts: all forget prompts; all preserve prompts that no concept erases."""
+    """One view of several expanded concepts: all forget prompts; all preserve prompts that no concept erases (nor,
+    for a concept type's prompts, names: 'monet' is not kept through 'a painting in the style of claude monet')."""
     concepts = tuple(concepts)
     if not concepts:
         raise ConceptError(_EMPTY_CONCEPT)
@@ -445,5 +613,23 @@ def merge(concepts: Iterable[ExpandedConcept]) -> MergedConcepts:
     pairs = tuple(anchor_of.items())
     forget = _unique(p for c in concepts for p in c.forget)
     erased = set(forget)
-    preserve = _unique(p for c in concepts for p in c.preserve if p not in erased)
+    texts = [c.text for c in concepts]
+    preserve = _unique(p for c in concepts for p in c.preserve if p not in erased and not (
+        p in c.type_prompts and any(_contains(p, text, DEFAULT_CONFIG) for text in texts)))
     return MergedConcepts(concepts, forget, preserve, pairs)
+
+
+def check_concept_types(concepts: Iterable[ExpandedConcept], check_prompt: Callable[[str], object]) -> None:
+    """Every prompt a concept type added, through a model's vocabulary check (DiffusionParts.check_prompt, e.g. the
+    bundled testbed's), before any work. The types are written for real checkpoints, so on a closed vocabulary the
+    error names the type and what to do, not only the unknown word."""
+    for concept in concepts:
+        for prompt in concept.type_prompts:
+            try:
+                check_prompt(prompt)
+            except ValueError as error:
+                raise ConceptError(
+                    f"concept type {concept.concept_type!r} adds prompts written for real checkpoints, and this "
+                    f"model cannot read {prompt!r}: use concept type 'none' with it and type preserve prompts it "
+                    f"knows ({error})"
+                ) from error

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from . import __version__, methods
+from .concepts import NO_CONCEPT_TYPE
 from .delta import PARAM_DTYPE, Delta, fingerprint
 from .parts import DiffusionParts
 from .ranges import check_config
@@ -118,12 +119,14 @@ def _keyed(config) -> dict:
 def cache_key(expanded, config, resolution: int, aligner_name: str, neurons: str, base_fp: str,
               method: str = "trust") -> str:
     """The inputs that decide a run's result, hashed. `config`: any method's config dataclass. The method is part of
-    the key only for the other methods, so the keys of TRuST files saved before there were other methods still
-    match."""
+    the key only for the other methods, and the concept types only when one is not "none", so the keys of files
+    saved before either existed still match."""
+    types = [getattr(e, "concept_type", NO_CONCEPT_TYPE) for e in expanded]
     blob = json.dumps({
         "concepts": [(e.text, e.mode, e.forget, e.preserve, e.anchor) for e in expanded],
         "config": _keyed(config), "resolution": resolution, "aligner": aligner_name,
         "neurons": neurons, "base": base_fp, "engine": __version__, **({"method": method} if method != "trust" else {}),
+        **({"concept_types": types} if any(t != NO_CONCEPT_TYPE for t in types) else {}),
     }, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
