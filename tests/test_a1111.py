@@ -11,6 +11,7 @@ import types
 from pathlib import Path
 
 import a1111_fake
+import old_keys
 import pytest
 import torch
 from conftest import digest
@@ -581,15 +582,10 @@ def test_a_request_without_the_method_fields_still_runs_trust(pack, web):
         meta = f.metadata()
     assert meta["method"] == "trust" and meta["loss"] == "cip"
     # the key as TRuST files held it before there were other methods (no "method" entry), so they are still reused
-    import dataclasses
     import hashlib
 
     expanded = importlib.import_module(PACK + ".trust_engine.concepts").expand_all("red circle", "individual")
-    config = dataclasses.asdict(pack.job.build_config("CIP", 2, 5e-3, 0.1, 0.0, 2.0, 1, 0, 4))
-    for later in ("mask_rows", "mask_source", "row_budget", "preserve_projection", "csr_probes", "csr_scale",
-                  "csr_data"):  # the config as it was before these fields existed
-        del config[later]
-    del config["saliency"]["source"]
+    config = old_keys.old_config(pack.job.build_config("CIP", 2, 5e-3, 0.1, 0.0, 2.0, 1, 0, 4))
     blob = json.dumps({"concepts": [(e.text, e.mode, e.forget, e.preserve, e.anchor) for e in expanded],
                        "config": config, "resolution": 64, "aligner": "", "neurons": "",
                        "base": meta["base_fingerprint"], "engine": pack.job.__version__}, sort_keys=True)

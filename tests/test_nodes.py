@@ -6,6 +6,7 @@ import os
 import shutil
 
 import comfy_fake
+import old_keys
 import pytest
 import torch
 from conftest import digest, node
@@ -489,7 +490,6 @@ def test_concept_type_is_an_optional_last_combo_with_a_tooltip_per_value(pack):
 def test_concept_type_reaches_the_key_and_report_and_an_old_workflow_keeps_its_key(pack, host, monkeypatch):
     """A workflow saved before concept_type (no such widget value: the node's default) computes the key it always
     did, so its saved delta is still reused; a concept type changes the key and the report says what it added."""
-    import dataclasses
     import hashlib
 
     from conftest import ROOT
@@ -516,7 +516,7 @@ def test_concept_type_reaches_the_key_and_report_and_an_old_workflow_keeps_its_k
     config = job.build_config("CIP", 3, 5e-3, 0.1, 0.0, 2.0, 1, 0, 32)
     base = pack.nodes.trust_nodes._fingerprint_of(model)
     blob = json.dumps({"concepts": [(e.text, e.mode, e.forget, e.preserve, e.anchor) for e in expanded],
-                       "config": dataclasses.asdict(config), "resolution": 32, "aligner": "", "neurons": "",
+                       "config": old_keys.old_config(config), "resolution": 32, "aligner": "", "neurons": "",
                        "base": base, "engine": job.__version__}, sort_keys=True)
     assert keys[0] == hashlib.sha256(blob.encode()).hexdigest()[:32]
     with pytest.raises(ValueError, match="unknown concept type 'nsfw'"):
