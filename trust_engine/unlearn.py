@@ -692,13 +692,14 @@ def preserve_projectors(deltas: SiteDeltas, kinds: dict[str, str], preserve_cond
     """Per to_k/to_v site: I - U U^T, U = the fewest eigenvectors of the preserve prompts' token second-moment matrix
     (every token of every prompt, as the text encoder gives them to cross-attention) holding `energy` of its trace.
     A delta row d with d U = 0 leaves W c unchanged for any c in span(U): those prompts' keys and values stay."""
-    tokens = preserve_cond.reshape(-1, preserve_cond.shape[-1]).double()
+    # float64 on the CPU: MPS has no float64, and a (width x width) eigendecomposition is cheap anywhere
+    tokens = preserve_cond.detach().reshape(-1, preserve_cond.shape[-1]).to("cpu", torch.float64)
     values, vectors = torch.linalg.eigh(tokens.T @ tokens)
     values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
     share = values.cumsum(0) / values.sum().clamp_min(1e-30)
     r = int((share < energy).sum()) + 1 if energy < 1 else int((values > 0).sum())
     u = vectors[:, :min(r, vectors.shape[1])]
-    projector = (torch.eye(u.shape[0], dtype=torch.float64, device=u.device) - u @ u.T).float()
+    projector = (torch.eye(u.shape[0], dtype=torch.float64) - u @ u.T).float()
     return {n: projector.to(d.device) for n, d in deltas.delta.items()
             if kinds[n] in ("k", "v") and d.shape[1] == projector.shape[0]}
 
